@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from controller import pki
+from controller.api import spiffe
+from controller.api.spiffe import admin_uri, controller_uri, node_uri  # noqa: F401 (re-exported)
 
 
 class Role(enum.Enum):
@@ -53,28 +55,15 @@ class AuthError(Exception):
         self.code = code
 
 
-def admin_uri(trust_domain: str, name: str) -> str:
-    return f"spiffe://{trust_domain}/nodemesh/admin/{name}"
-
-
-def node_uri(trust_domain: str, name: str) -> str:
-    return f"spiffe://{trust_domain}/nodemesh/node/{name}"
-
-
-def controller_uri(trust_domain: str) -> str:
-    return f"spiffe://{trust_domain}/nodemesh/controller"
-
-
 def caller_from_cert(der: bytes | None, trust_domain: str) -> Caller:
     """Return who presented this (already chain-verified) certificate."""
     if not der:
         return ANONYMOUS
     cert = x509.load_der_x509_certificate(der)
     for uri in pki.uri_sans(cert):
-        for role in (Role.ADMIN, Role.NODE):
-            prefix = f"spiffe://{trust_domain}/nodemesh/{role.value}/"
-            if uri.startswith(prefix) and "/" not in uri[len(prefix):] and uri[len(prefix):]:
-                return Caller(role, uri[len(prefix):])
+        found = spiffe.control_plane_role(uri, trust_domain)
+        if found:
+            return Caller(Role(found[0]), found[1])
     # A valid mesh certificate that is neither (a workload's, say): known, but no role here.
     return Caller(Role.ANONYMOUS, "certificate without a controller role")
 

@@ -133,3 +133,32 @@ def _parse_rest(original: str, rest: str) -> SpiffeId:
 def workload_spiffe_id(mesh_trust_domain: str, workload: Workload) -> SpiffeId:
     """The identity of ``workload`` in a mesh with trust domain ``mesh_trust_domain``."""
     return SpiffeId(mesh_trust_domain, workload.metadata.namespace, workload.spec.service_account)
+
+
+# --- control-plane identities ---------------------------------------------------------------
+# The controller, admins and node agents have SPIFFE IDs of their own, under a path that no
+# workload ID can take (workload IDs always start with /ns/):
+#   spiffe://<td>/nodemesh/controller      the controller's API server certificate
+#   spiffe://<td>/nodemesh/admin/<name>    an admin client (the CLI)
+#   spiffe://<td>/nodemesh/node/<name>     a node's agent (issued at join)
+
+def controller_uri(trust_domain: str) -> str:
+    return f"{SCHEME}{trust_domain}/nodemesh/controller"
+
+
+def admin_uri(trust_domain: str, name: str) -> str:
+    return f"{SCHEME}{trust_domain}/nodemesh/admin/{name}"
+
+
+def node_uri(trust_domain: str, node: str) -> str:
+    return f"{SCHEME}{trust_domain}/nodemesh/node/{node}"
+
+
+def control_plane_role(uri: str, trust_domain: str) -> tuple[str, str] | None:
+    """``("admin"|"node", name)`` for a control-plane URI of this trust domain, else None."""
+    for role in ("admin", "node"):
+        prefix = f"{SCHEME}{trust_domain}/nodemesh/{role}/"
+        name = uri[len(prefix):] if uri.startswith(prefix) else ""
+        if name and _SEGMENT.fullmatch(name) and name not in (".", ".."):
+            return role, name
+    return None
