@@ -26,7 +26,8 @@ class Role(enum.Enum):
 class Verb(enum.Enum):
     READ = "read"      # list, get, watch of resources
     WRITE = "write"    # apply, delete
-    ISSUE = "issue"    # create join tokens
+    ISSUE = "issue"    # create join tokens, rotate the CA
+    SIGN = "sign"      # get certificates signed for oneself (nodes)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ ANONYMOUS = Caller(Role.ANONYMOUS)
 
 _ALLOWED = {
     Role.ADMIN: {Verb.READ, Verb.WRITE, Verb.ISSUE},
-    Role.NODE: {Verb.READ},
+    Role.NODE: {Verb.READ, Verb.SIGN},
     Role.ANONYMOUS: set(),
 }
 

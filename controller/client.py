@@ -129,6 +129,15 @@ class Client:
     def get(self, plural: str, name: str, namespace: str | None = None) -> dict:
         return self._call("GET", f"{_collection(plural, namespace)}/{name}")
 
+    def create_token(self, node: str, ttl_seconds: float) -> dict:
+        return self._call("POST", f"{PREFIX}/tokens", json={"node": node, "ttlSeconds": ttl_seconds})
+
+    def rotate_ca(self) -> dict:
+        return self._call("POST", f"{PREFIX}/ca/rotate", json={})
+
+    def status(self) -> dict:
+        return self._call("GET", f"{PREFIX}/status")
+
     def watch(self, resource_version: int | None = None, kinds: tuple[str, ...] = ()) -> Iterator[dict]:
         """Yield watch events (dicts with type and object) until the stream ends."""
         params = [("kind", k) for k in kinds]

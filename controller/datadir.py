@@ -3,10 +3,13 @@
 Layout (mode 0700; private keys 0600)::
 
     controller.yaml        trust domain and the server names the certificate covers
-    ca/root.crt ca/root.key               the mesh CA (or the user's, with --ca-cert/--ca-key)
-    tls/controller.crt tls/controller.key the API's server certificate
-    admin/admin.crt admin/admin.key       the admin client credential the CLI uses
-    store.db               the SQLite store
+    ca/ca.crt ca/ca.key    the signing CA: a root made here, or the user's (--ca-cert/--ca-key)
+    ca/bundle.crt          trust anchors: what clients and agents verify with
+    ca/retired.yaml        roots replaced by rotation, trusted until their last leaf expires
+    tls/controller.crt tls/controller.key   the API's server certificate (chain)
+    admin/admin.crt admin/admin.key         the admin client credential the CLI uses
+    store.db               the SQLite store of resources
+    identity.db            join tokens and the ledger of issued certificates
 
 Owns creating and reading these files; knows nothing of HTTP or the store's contents.
 """
@@ -21,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from controller import auth, pki
+from controller import pki
+from controller.api.spiffe import admin_uri, controller_uri
 
 DEFAULT_DATA_DIR = Path("/var/lib/nodemesh/controller")
 ROOT_TTL = dt.timedelta(days=3650)
@@ -40,9 +44,13 @@ class DataDir:
     @property
     def config(self) -> Path: return self.path / "controller.yaml"
     @property
-    def ca_cert(self) -> Path: return self.path / "ca" / "root.crt"
+    def signer_cert(self) -> Path: return self.path / "ca" / "ca.crt"
     @property
-    def ca_key(self) -> Path: return self.path / "ca" / "root.key"
+    def signer_key(self) -> Path: return self.path / "ca" / "ca.key"
+    @property
+    def bundle(self) -> Path: return self.path / "ca" / "bundle.crt"
+    @property
+    def retired(self) -> Path: return self.path / "ca" / "retired.yaml"
     @property
     def server_cert(self) -> Path: return self.path / "tls" / "controller.crt"
     @property
@@ -53,6 +61,8 @@ class DataDir:
     def admin_key(self) -> Path: return self.path / "admin" / "admin.key"
     @property
     def store(self) -> Path: return self.path / "store.db"
+    @property
+    def identity_db(self) -> Path: return self.path / "identity.db"
 
     def exists(self) -> bool:
         return self.config.exists()
@@ -77,11 +87,13 @@ def initialise(
     server_names: tuple[str, ...],
     ca_cert: Path | None = None,
     ca_key: Path | None = None,
+    ca_bundle: Path | None = None,
     now: dt.datetime | None = None,
 ) -> bool:
     """Create the data dir, CA, server and admin credentials. Returns False if already done.
 
-    Never overwrites: an initialised dir is left exactly as it is.
+    Never overwrites: an initialised dir is left exactly as it is. With ``ca_cert``/``ca_key``
+    the user's CA signs; if it is an intermediate, ``ca_bundle`` must hold the root(s).
     """
     if d.exists():
         return False
@@ -91,33 +103,43 @@ def initialise(
     try:
         issuer = (pki.load_issuer(ca_cert, ca_key) if ca_cert
                   else pki.create_root(f"nodemesh root CA {trust_domain}", now=now, ttl=ROOT_TTL))
+        self_signed = issuer.cert.issuer == issuer.cert.subject
+        if not self_signed and ca_bundle is None:
+            raise DataDirError(f"{ca_cert} is an intermediate CA: give its root(s) with --ca-bundle FILE")
+        anchors = pki.load_certs(ca_bundle) if ca_bundle else [issuer.cert]
     except pki.PkiError as e:
         raise DataDirError(str(e)) from None
     d.path.mkdir(parents=True, exist_ok=True)
     d.path.chmod(0o700)
-    pki.write_file(d.ca_cert, pki.cert_pem(issuer.cert), secret=False)
-    pki.write_file(d.ca_key, pki.key_pem(issuer.key), secret=True)
-
-    dns = tuple(n for n in server_names if not _is_ip(n))
-    ips = tuple(n for n in server_names if _is_ip(n))
-    key = pki.generate_key()
-    cert = pki.issue(issuer, key.public_key(), now=now, ttl=SERVER_TTL, common_name="nodemesh controller",
-                     uris=(auth.controller_uri(trust_domain),), dns_names=dns, ip_addresses=ips,
-                     client=False)
-    pki.write_file(d.server_cert, pki.cert_pem(cert), secret=False)
-    pki.write_file(d.server_key, pki.key_pem(key), secret=True)
-
-    key = pki.generate_key()
-    cert = pki.issue(issuer, key.public_key(), now=now, ttl=ADMIN_TTL, common_name="nodemesh admin",
-                     uris=(auth.admin_uri(trust_domain, "admin"),), server=False)
-    pki.write_file(d.admin_cert, pki.cert_pem(cert), secret=False)
-    pki.write_file(d.admin_key, pki.key_pem(key), secret=True)
-
+    pki.write_file(d.signer_cert, pki.cert_pem(issuer.cert), secret=False)
+    pki.write_file(d.signer_key, pki.key_pem(issuer.key), secret=True)
+    pki.write_file(d.bundle, b"".join(pki.cert_pem(c) for c in anchors), secret=False)
+    settings = Settings(trust_domain, tuple(server_names))
+    issue_own_certificates(d, issuer, settings, now=now)
     # Written last: its presence means "initialised".
     body = yaml.safe_dump({"trustDomain": trust_domain, "serverNames": list(server_names),
                            "createdAt": now.strftime("%Y-%m-%dT%H:%M:%SZ")}, sort_keys=False)
     pki.write_file(d.config, body.encode(), secret=False)
     return True
+
+
+def issue_own_certificates(d: DataDir, issuer: pki.Issuer, settings: Settings, *, now: dt.datetime) -> None:
+    """(Re-)issue the controller's server certificate and the admin credential from ``issuer``."""
+    chain_tail = b"" if issuer.cert.issuer == issuer.cert.subject else pki.cert_pem(issuer.cert)
+    names = settings.server_names
+    key = pki.generate_key()
+    cert = pki.issue(issuer, key.public_key(), now=now, ttl=SERVER_TTL, common_name="nodemesh controller",
+                     uris=(controller_uri(settings.trust_domain),),
+                     dns_names=tuple(n for n in names if not _is_ip(n)),
+                     ip_addresses=tuple(n for n in names if _is_ip(n)), client=False)
+    pki.write_file(d.server_key, pki.key_pem(key), secret=True)
+    pki.write_file(d.server_cert, pki.cert_pem(cert) + chain_tail, secret=False)
+
+    key = pki.generate_key()
+    cert = pki.issue(issuer, key.public_key(), now=now, ttl=ADMIN_TTL, common_name="nodemesh admin",
+                     uris=(admin_uri(settings.trust_domain, "admin"),), server=False)
+    pki.write_file(d.admin_key, pki.key_pem(key), secret=True)
+    pki.write_file(d.admin_cert, pki.cert_pem(cert) + chain_tail, secret=False)
 
 
 def load_settings(d: DataDir) -> Settings:
@@ -131,16 +153,19 @@ def load_settings(d: DataDir) -> Settings:
         raise DataDirError(f"{d.config}: unreadable ({e})") from None
 
 
-def server_ssl_context(d: DataDir) -> ssl.SSLContext:
+def server_ssl_context(d: DataDir, bundle_pem: bytes | None = None) -> ssl.SSLContext:
     """TLS 1.3 server context; asks for (but does not demand) a client certificate.
 
-    A presented certificate must chain to the mesh CA or the handshake fails; a missing one
+    A presented certificate must chain to a trusted root or the handshake fails; a missing one
     is left for the API to answer 401, so agents can still join with a token.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(d.server_cert, d.server_key)
-    ctx.load_verify_locations(cafile=d.ca_cert)
+    if bundle_pem is not None:
+        ctx.load_verify_locations(cadata=bundle_pem.decode())
+    else:
+        ctx.load_verify_locations(cafile=d.bundle)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx
 

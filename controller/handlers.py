@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import logging
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import trio
@@ -41,6 +41,9 @@ class Api:
     trust_domain: str
     now: Callable[[], str] = utcnow
     bookmark_every: float = BOOKMARK_EVERY
+    # Extra fixed routes (identity_api.py): (method, path under PREFIX) -> (metric verb, auth verb
+    # or None when anonymous callers are allowed, handler(req, caller)).
+    routes: dict = field(default_factory=dict)
 
     async def __call__(self, req: Request) -> Response | StreamResponse:
         verb = "other"
@@ -48,10 +51,17 @@ class Api:
             if req.path == "/healthz":
                 verb = "health"
                 return Response.json(200, {"status": "ok", "resourceVersion": str(self.store.revision)})
-            verb, handler, args = self._route(req)
             caller = auth.caller_from_cert(req.peer_cert, self.trust_domain)
-            auth.authorize(caller, auth.Verb.READ if verb in ("list", "get", "watch", "discovery") else auth.Verb.WRITE)
-            response = await handler(req, caller, *args)
+            fixed = req.path.startswith(PREFIX + "/") and self.routes.get((req.method, req.path[len(PREFIX) + 1:]))
+            if fixed:
+                verb, needed, handler = fixed
+                if needed is not None:
+                    auth.authorize(caller, needed)
+                response = await handler(req, caller)
+            else:
+                verb, handler, args = self._route(req)
+                auth.authorize(caller, auth.Verb.READ if verb in ("list", "get", "watch", "discovery") else auth.Verb.WRITE)
+                response = await handler(req, caller, *args)
         except auth.AuthError as e:
             log.warning("refused %s %s from %s: %s", req.method, req.path, req.peer_addr, e)
             response = HttpError(e.code, "Unauthorized" if e.code == 401 else "Forbidden", str(e)).response()

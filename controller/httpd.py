@@ -91,19 +91,25 @@ async def serve(
     host: str,
     port: int,
     *,
-    ssl_context: ssl.SSLContext | None = None,
+    ssl_context: Callable[[], ssl.SSLContext] | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handler`` on host:port until cancelled.
 
-    Calls ``task_status.started(bound_port)`` once listening, so callers may pass port 0.
+    ``ssl_context`` is called for each new connection, so a rotated certificate applies to new
+    connections at once. Calls ``task_status.started(bound_port)`` once listening, so callers
+    may pass port 0.
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
-    if ssl_context is not None:
-        listeners = [trio.SSLListener(l, ssl_context, https_compatible=True) for l in listeners]
     task_status.started(bound)
-    await trio.serve_listeners(lambda s: _connection(handler, s), listeners)
+
+    async def accept(stream):
+        if ssl_context is not None:
+            stream = trio.SSLStream(stream, ssl_context(), server_side=True, https_compatible=True)
+        await _connection(handler, stream)
+
+    await trio.serve_listeners(accept, listeners)
 
 
 async def _connection(handler: Handler, stream: trio.abc.Stream) -> None:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 PrivateKey = ec.EllipticCurvePrivateKey
+Certificate = x509.Certificate
 
 
 class PkiError(Exception):
@@ -131,6 +132,55 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
     except x509.ExtensionNotFound:
         return []
     return ext.value.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+class CsrError(PkiError):
+    """The CSR is unusable; the message says why (shown to the requester)."""
+
+
+@dataclass(frozen=True)
+class Csr:
+    uri: str
+    public_key: ec.EllipticCurvePublicKey
+
+
+def parse_csr(pem: str | bytes) -> Csr:
+    """Check a PEM CSR: valid self-signature, ECDSA P-256, exactly one URI SAN and nothing else."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError as e:
+        raise CsrError(f"not a PEM certificate request: {e}") from None
+    if not csr.is_signature_valid:
+        raise CsrError("the CSR's signature does not verify")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise CsrError("the CSR's key must be ECDSA P-256")
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise CsrError("the CSR has no subjectAltName; it must carry exactly one URI SAN") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1 or len(list(san)) != 1:
+        raise CsrError(f"the CSR must carry exactly one URI SAN and no other names, got {[str(n.value) for n in san]}")
+    return Csr(uris[0], key)
+
+
+def csr_pem(uri: str, key: PrivateKey) -> bytes:
+    """A CSR carrying exactly one URI SAN (the controller's own certificates, and tests)."""
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([]))
+           .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
+
+
+def cert_from_pem(data: bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(data)
 
 
 # --- PEM files ---------------------------------------------------------------------------

@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "get": ("controller.cli.resources:get", "List resources or show one."),
     "delete": ("controller.cli.resources:delete", "Delete resources by kind and name, or from files."),
     "controller": ("controller.cli.server:controller", "Initialise and run the controller."),
+    "token": ("controller.cli.identity:token", "Create one-time join tokens for nodes."),
+    "ca": ("controller.cli.identity:ca", "Manage the mesh CA (rotate the root)."),
+    "status": ("controller.cli.identity:status", "Show the controller, its nodes and their certificates."),
+    "check": ("controller.cli.check:check", "Check health and warn about certificates close to expiry."),
     "lab": ("agent.lab.cli:lab", "The network-namespace lab on this machine (up, down, status)."),
 }
 

@@ -39,11 +39,13 @@ def controller() -> None:
 @click.option("--ca-cert", type=click.Path(dir_okay=False, path_type=Path),
               help="Use this CA certificate instead of creating a root (needs --ca-key).")
 @click.option("--ca-key", type=click.Path(dir_okay=False, path_type=Path), help="The key of --ca-cert.")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False, path_type=Path),
+              help="Root certificate(s) above --ca-cert when it is an intermediate.")
 @click.option("--controller-url", default=None, metavar="URL",
               help="Address written to the client config [default: https://<first --san or 127.0.0.1>:15012].")
 @click.option("--write-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Client config to write for the CLI [default: $NODEMESH_CONFIG or ~/.config/nodemesh/config.yaml].")
-def init(data_dir, trust_domain, sans, ca_cert, ca_key, controller_url, write_config):
+def init(data_dir, trust_domain, sans, ca_cert, ca_key, ca_bundle, controller_url, write_config):
     """Create the data dir, the mesh CA, the API certificate and an admin credential.
 
     Safe to run twice: an initialised data dir is left untouched.
@@ -52,16 +54,16 @@ def init(data_dir, trust_domain, sans, ca_cert, ca_key, controller_url, write_co
     names = tuple(dict.fromkeys((*sans, *datadir.default_server_names())))
     try:
         created = datadir.initialise(d, trust_domain=trust_domain, server_names=names,
-                                     ca_cert=ca_cert, ca_key=ca_key)
+                                     ca_cert=ca_cert, ca_key=ca_key, ca_bundle=ca_bundle)
     except datadir.DataDirError as e:
         raise click.ClickException(str(e)) from None
     settings = datadir.load_settings(d)
     url = controller_url or f"https://{_url_host(sans[0] if sans else '127.0.0.1')}:15012"
     config_path = write_config or client.default_config_path()
-    client.write_config(config_path, client.Settings(url, d.ca_cert, d.admin_cert, d.admin_key))
+    client.write_config(config_path, client.Settings(url, d.bundle, d.admin_cert, d.admin_key))
     if created:
         click.echo(f"initialised {d.path} for trust domain {settings.trust_domain}")
-        click.echo(f"  CA certificate: {d.ca_cert}")
+        click.echo(f"  trust bundle: {d.bundle}")
         click.echo(f"  admin credential: {d.admin_cert}")
     else:
         click.echo(f"{d.path} is already initialised (trust domain {settings.trust_domain}); nothing changed")

@@ -27,7 +27,7 @@ def data_dir(tmp_path) -> datadir.DataDir:
 
 def issue_client_cert(d: datadir.DataDir, tmp: Path, uri: str, name: str) -> tuple[Path, Path]:
     """A client credential signed by the controller's CA with the given URI SAN."""
-    issuer = pki.load_issuer(d.ca_cert, d.ca_key)
+    issuer = pki.load_issuer(d.signer_cert, d.signer_key)
     key = pki.generate_key()
     cert = pki.issue(issuer, key.public_key(), now=dt.datetime.now(dt.timezone.utc),
                      ttl=dt.timedelta(hours=1), uris=(uri,), server=False)
@@ -46,7 +46,7 @@ class Running:
     def settings(self, cert: Path | None = None, key: Path | None = None, admin: bool = True) -> client.Settings:
         if admin and cert is None:
             cert, key = self.d.admin_cert, self.d.admin_key
-        return client.Settings(self.url, self.d.ca_cert, cert, key)
+        return client.Settings(self.url, self.d.bundle, cert, key)
 
     def client(self, **kw) -> client.Client:
         return client.Client(self.settings(**kw))

@@ -104,7 +104,7 @@ async def test_without_a_certificate_nothing_is_served(controller):
             await trio.to_thread.run_sync(call)
         assert e.value.code == 401
     # The health check is the one thing open to anyone.
-    r = await trio.to_thread.run_sync(lambda: httpx.get(f"{controller.url}/healthz", verify=ssl.create_default_context(cafile=str(controller.d.ca_cert))))
+    r = await trio.to_thread.run_sync(lambda: httpx.get(f"{controller.url}/healthz", verify=ssl.create_default_context(cafile=str(controller.d.bundle))))
     assert r.status_code == 200
 
 
@@ -112,7 +112,7 @@ async def test_certificate_from_another_ca_is_refused_at_the_handshake(controlle
     from controller import datadir
     other = datadir.DataDir(tmp_path / "other")
     datadir.initialise(other, trust_domain="cluster.local", server_names=("localhost",))
-    c = client.Client(client.Settings(controller.url, controller.d.ca_cert, other.admin_cert, other.admin_key))
+    c = client.Client(client.Settings(controller.url, controller.d.bundle, other.admin_cert, other.admin_key))
     with pytest.raises(client.Unreachable):
         await controller.call(c.list, "services", None)
 

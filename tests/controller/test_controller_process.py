@@ -60,7 +60,7 @@ class Controller:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
             try:
-                httpx.get(f"https://127.0.0.1:{self.port}/healthz", verify=ssl.create_default_context(cafile=str(self.data / "ca" / "root.crt")))
+                httpx.get(f"https://127.0.0.1:{self.port}/healthz", verify=ssl.create_default_context(cafile=str(self.data / "ca" / "bundle.crt")))
                 return
             except httpx.TransportError:
                 time.sleep(0.05)
@@ -134,11 +134,11 @@ def test_unreachable_controller_names_the_address(ctl):
 
 
 def test_init_twice_changes_nothing(ctl):
-    key_before = (ctl.data / "ca" / "root.key").read_bytes()
+    key_before = (ctl.data / "ca" / "ca.key").read_bytes()
     out = ctl.init().stdout
     assert "already initialised" in out
-    assert (ctl.data / "ca" / "root.key").read_bytes() == key_before
-    assert oct((ctl.data / "ca" / "root.key").stat().st_mode & 0o777) == "0o600"
+    assert (ctl.data / "ca" / "ca.key").read_bytes() == key_before
+    assert oct((ctl.data / "ca" / "ca.key").stat().st_mode & 0o777) == "0o600"
 
 
 def test_help_lists_every_command():

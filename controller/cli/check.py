@@ -1,0 +1,62 @@
+"""check.py: ``nodemesh check`` — is the controller healthy, and is anything about to expire?
+
+Prints one line per check (ok / WARN / FAIL) and exits 1 on any FAIL (or any WARN with
+--strict), so it works in scripts as well as for people.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import click
+
+from controller import api, client
+from controller.cli.identity import parse_iso, until
+from controller.cli.resources import connection_options, open_client
+
+
+def expiry_findings(status: dict, *, now: dt.datetime, window: dt.timedelta,
+                    ca_window: dt.timedelta) -> list[tuple[str, str]]:
+    """(level, message) for every certificate in ``status`` expiring within its window. Pure."""
+    out = []
+    for c in status["certificates"]:
+        t = parse_iso(c["expires"])
+        level = "FAIL" if t <= now else "WARN" if t - now <= ca_window else "ok"
+        out.append((level, f"{c['name']} certificate {c['serial']} expires {until(c['expires'], now)}"))
+    for n in status["nodes"]:
+        t = parse_iso(n["nearestExpiry"])
+        if t is None:
+            continue
+        level = "FAIL" if t <= now else "WARN" if t - now <= window else "ok"
+        what = n.get("nearestIdentity") or "node certificate"
+        out.append((level, f"node {n['node']}: nearest expiry {what} {until(n['nearestExpiry'], now)}"))
+    return out
+
+
+@click.command()
+@click.option("--expiry-window", default="6h", show_default=True,
+              help="Warn when a node or workload certificate expires within this long "
+                   "(they are renewed at half life, so a healthy 24h certificate never gets this close).")
+@click.option("--ca-expiry-window", default="720h", show_default=True,
+              help="Warn when the CA, the controller's or the admin certificate expires within this long.")
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")
+@connection_options
+def check(expiry_window, ca_expiry_window, strict, controller, ca, cert, key, config):
+    """Check the controller and certificate expiry; exit 1 on failure."""
+    try:
+        window, ca_window = (dt.timedelta(seconds=api.parse_duration(v)) for v in (expiry_window, ca_expiry_window))
+    except api.InvalidDuration as e:
+        raise click.BadParameter(str(e)) from None
+    findings: list[tuple[str, str]] = []
+    c = open_client(controller, ca, cert, key, config)
+    with c:
+        try:
+            s = c.status()
+            findings.append(("ok", f"controller {c.settings.controller} answers (resourceVersion {s['resourceVersion']})"))
+            findings += expiry_findings(s, now=dt.datetime.now(dt.timezone.utc), window=window, ca_window=ca_window)
+        except client.ClientError as e:
+            findings.append(("FAIL", str(e)))
+    for level, message in findings:
+        click.echo(f"{level:<4}  {message}")
+    levels = {lvl for lvl, _ in findings}
+    if "FAIL" in levels or (strict and "WARN" in levels):
+        raise SystemExit(1)

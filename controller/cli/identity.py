@@ -1,0 +1,98 @@
+"""identity.py: ``nodemesh token create``, ``nodemesh ca rotate`` and ``nodemesh status``."""
+from __future__ import annotations
+
+import datetime as dt
+
+import click
+
+from controller import api
+from controller.cli.resources import _call, connection_options, open_client
+
+
+def parse_iso(s: str | None) -> dt.datetime | None:
+    if not s:
+        return None
+    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def until(s: str | None, now: dt.datetime | None = None) -> str:
+    """'2026-11-23T07:00:00Z (in 23h)' — a timestamp and how far away it is."""
+    t = parse_iso(s)
+    if t is None:
+        return "-"
+    secs = int((t - (now or dt.datetime.now(dt.timezone.utc))).total_seconds())
+    if secs < 0:
+        return f"{s} (EXPIRED)"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{s} (in {secs // size}{unit})"
+    return f"{s} (in {secs}s)"
+
+
+@click.group()
+def token() -> None:
+    """One-time join tokens: how a new node's agent proves it may join."""
+
+
+@token.command("create")
+@click.option("--node", required=True, help="The node the token is for; the agent gets this node's identity.")
+@click.option("--ttl", default="1h", show_default=True, help="How long the token stays valid (e.g. 30m, 1h, 24h).")
+@connection_options
+def token_create(node, ttl, controller, ca, cert, key, config):
+    """Print a one-time join token for NODE (give it to `nodemesh agent run --token FILE`)."""
+    try:
+        seconds = api.parse_duration(ttl)
+    except api.InvalidDuration as e:
+        raise click.BadParameter(str(e), param_hint="--ttl") from None
+    with open_client(controller, ca, cert, key, config) as c:
+        reply = _call(c.create_token, node, seconds)
+    click.echo(reply["token"])
+    click.echo(f"# one-time token for node {reply['node']}, expires {reply['expires']}", err=True)
+
+
+@click.group()
+def ca() -> None:
+    """The mesh certificate authority."""
+
+
+@ca.command("rotate")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@connection_options
+def ca_rotate(yes, controller, ca, cert, key, config):
+    """Make a new root sign from now on; the old root stays trusted until its last certificate expires.
+
+    Traffic keeps flowing: the trust bundle carries both roots meanwhile. The controller's own
+    server certificate and the admin credential are re-issued from the new root.
+    """
+    if not yes:
+        click.confirm("Rotate the mesh root CA now?", abort=True)
+    with open_client(controller, ca, cert, key, config) as c:
+        reply = _call(c.rotate_ca)
+    click.echo(f"new root {reply['root']} signs from now on; old root {reply['retiredRoot']} "
+               f"stays trusted until {reply['retiredRootTrustedUntil']}")
+
+
+@click.command()
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@connection_options
+def status(output, controller, ca, cert, key, config):
+    """Show the controller, each node's certificates and the nearest expiry."""
+    import json
+    with open_client(controller, ca, cert, key, config) as c:
+        s = _call(c.status)
+    if output == "json":
+        click.echo(json.dumps(s, indent=2))
+        return
+    click.echo(f"controller: {c.settings.controller}  trust domain {s['trustDomain']}  "
+               f"resourceVersion {s['resourceVersion']}")
+    for cert_ in s["certificates"]:
+        click.echo(f"  {cert_['name']:<13} {until(cert_['expires'])}")
+    if not s["nodes"]:
+        click.echo("nodes: none has joined yet (nodemesh token create --node NAME)")
+        return
+    rows = [("NODE", "NODE-CERT-EXPIRES", "IDENTITIES", "NEAREST-EXPIRY")]
+    for n in s["nodes"]:
+        rows.append((n["node"], until(n["nodeCertificateExpires"]), str(n["identities"]),
+                     until(n["nearestExpiry"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    click.echo("\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
