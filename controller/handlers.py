@@ -201,13 +201,14 @@ class Api:
     async def _watch(self, req, caller, info, namespace):
         """Newline-delimited JSON events after ``resourceVersion``, in order, forever.
 
-        Without ``resourceVersion`` the stream starts with the current state as ADDED events.
-        BOOKMARK events carry the current revision every few seconds while nothing changes.
+        Without ``resourceVersion`` the stream starts with the current state as ADDED events,
+        ended by a BOOKMARK. A BOOKMARK also follows every burst of events (so a transaction is
+        known to be complete), and comes every few seconds while nothing changes.
         """
         kinds = {info.kind} if info else {_kind(k).kind for k in req.query.get("kind", [])} or None
         namespace = namespace or req.arg("namespace")
         rv_arg = req.arg("resourceVersion")
-        snapshot: list[dict] = []
+        snapshot: list[dict] | None = None
         if rv_arg in (None, ""):
             items, since = await trio.to_thread.run_sync(self.store.list, None, namespace)
             snapshot = [o for o in items if kinds is None or o["kind"] in kinds]
@@ -223,9 +224,12 @@ class Api:
         return StreamResponse(200, self._events(since, snapshot, kinds, namespace))
 
     async def _events(self, since, snapshot, kinds, namespace):
-        for obj in snapshot:
-            yield _line({"type": "ADDED", "object": obj})
-        events = watch(self.store, self.hub, since, kinds=kinds, namespace=namespace, idle=self.bookmark_every)
+        if snapshot is not None:
+            for obj in snapshot:
+                yield _line({"type": "ADDED", "object": obj})
+            yield _line({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": str(since)}}})
+        events = watch(self.store, self.hub, since, kinds=kinds, namespace=namespace,
+                       idle=self.bookmark_every, sync_marks=True)
         async with aclosing(events):
             try:
                 async for ev in events:

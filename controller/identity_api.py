@@ -21,7 +21,7 @@ from controller.api.meta import dns_subdomain_error
 from controller.api.spiffe import node_uri
 from controller.ca import CertificateAuthority
 from controller.httpd import HttpError, Request, Response
-from controller.ledger import Issued, Ledger, TokenRefused
+from controller.ledger import Issued, Ledger, NodeStatus, TokenRefused
 from controller.store import Store
 
 log = logging.getLogger("nodemesh.identity")
@@ -58,6 +58,7 @@ class IdentityApi:
             ("POST", "tokens"): ("token", auth.Verb.ISSUE, self.create_token),
             ("POST", "ca/rotate"): ("rotate", auth.Verb.ISSUE, self.rotate),
             ("GET", "status"): ("status", auth.Verb.READ, self.status),
+            ("POST", "nodestatus"): ("nodestatus", auth.Verb.SIGN, self.node_status),
         }
 
     # --- tokens and join ---------------------------------------------------------------------
@@ -166,10 +167,24 @@ class IdentityApi:
         return Response.json(200, {"root": pki.serial_hex(new.cert), "retiredRoot": pki.serial_hex(old.cert),
                                    "retiredRootTrustedUntil": _iso(until)})
 
+    async def node_status(self, req: Request, caller: auth.Caller) -> Response:
+        """An agent reports the resourceVersion it serves, whether it is ready, and its last error."""
+        body = _object(req)
+        version, ready, error = body.get("version"), body.get("ready"), body.get("error", "")
+        if not isinstance(version, int) or isinstance(version, bool) or not isinstance(ready, bool) \
+                or not isinstance(error, str):
+            raise HttpError(400, "BadRequest", 'body must be {"version": int, "ready": bool, "error": str}')
+        status = NodeStatus(caller.name, version, ready, error[:2000], self.now().timestamp())
+        await trio.to_thread.run_sync(self.ledger.report, status)
+        return Response.json(200, {"node": caller.name, "version": version})
+
     async def status(self, req: Request, caller: auth.Caller) -> Response:
         now = self.now()
         current = await trio.to_thread.run_sync(lambda: self.ledger.current(now=now.timestamp()))
+        reports = await trio.to_thread.run_sync(self.ledger.node_statuses)
         nodes: dict[str, dict] = {}
+        for name, rep in sorted(reports.items()):
+            nodes[name] = {"node": name, "nodeCertificateExpires": None, "identities": 0, "nearestExpiry": None}
         for rec in current:
             n = nodes.setdefault(rec.node, {"node": rec.node, "nodeCertificateExpires": None,
                                             "identities": 0, "nearestExpiry": None})
@@ -182,6 +197,11 @@ class IdentityApi:
                 n["nearestIdentity"] = rec.identity
         for n in nodes.values():
             n.pop("_nearest", None)
+            rep = reports.get(n["node"])
+            n["version"] = rep.version if rep else None
+            n["ready"] = rep.ready if rep else None
+            n["error"] = rep.error if rep else ""
+            n["reported"] = _iso_ts(rep.reported) if rep else None
         own = [("ca", self.ca.issuer.cert)] + [("retired-root", c) for c, _ in self.ca.retired()] + [
             ("controller", pki.load_cert(self.d.server_cert)), ("admin", pki.load_cert(self.d.admin_cert))]
         return Response.json(200, {

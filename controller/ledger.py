@@ -23,6 +23,9 @@ CREATE TABLE IF NOT EXISTS issued (
     not_before REAL NOT NULL, not_after REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS issued_by_node ON issued (node, identity, not_after);
 CREATE INDEX IF NOT EXISTS issued_by_issuer ON issued (issuer, not_after);
+CREATE TABLE IF NOT EXISTS node_status (
+    node TEXT PRIMARY KEY, version INTEGER NOT NULL, ready INTEGER NOT NULL, error TEXT NOT NULL,
+    reported REAL NOT NULL);
 """
 
 
@@ -106,6 +109,17 @@ class Ledger:
             (value,) = self._db.execute("SELECT MAX(not_after) FROM issued WHERE issuer = ?", (issuer,)).fetchone()
         return value
 
+    # --- node status (acknowledged versions) -------------------------------------------------
+
+    def report(self, status: NodeStatus) -> None:
+        with self._lock:
+            _report(self._db, status)
+
+    def node_statuses(self) -> dict[str, NodeStatus]:
+        with self._lock:
+            rows = self._db.execute("SELECT node, version, ready, error, reported FROM node_status").fetchall()
+        return {r[0]: NodeStatus(r[0], r[1], bool(r[2]), r[3], r[4]) for r in rows}
+
     def current(self, *, now: float) -> list[Issued]:
         """The newest unexpired certificate of each (node, identity), ordered by node and identity."""
         with self._lock:
@@ -113,6 +127,20 @@ class Ledger:
                 "SELECT serial, node, identity, issuer, not_before, MAX(not_after) FROM issued "
                 "WHERE not_after > ? GROUP BY node, identity ORDER BY node, identity", (now,)).fetchall()
         return [Issued(*r) for r in rows]
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node: str
+    version: int      # the resourceVersion the agent serves
+    ready: bool
+    error: str        # the last rejected update or failure, "" when healthy
+    reported: float   # when the agent last reported
+
+
+def _report(db, status: NodeStatus) -> None:
+    db.execute("INSERT OR REPLACE INTO node_status VALUES (?,?,?,?,?)",
+               (status.node, status.version, int(status.ready), status.error, status.reported))
 
 
 def _sha(secret: str) -> bytes:

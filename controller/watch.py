@@ -63,7 +63,7 @@ class Hub:
 
 async def watch(store: Store, hub: Hub, since: int, *, kinds: set[str] | None = None,
                 namespace: str | None = None, page_size: int = 1000,
-                idle: float | None = None) -> AsyncIterator[Event]:
+                idle: float | None = None, sync_marks: bool = False) -> AsyncIterator[Event]:
     """Yield every event with revision > ``since``, in (revision, seq) order, then wait for more.
 
     Only events whose object's kind is in ``kinds`` (if given) and whose namespace is
@@ -74,22 +74,33 @@ async def watch(store: Store, hub: Hub, since: int, *, kinds: set[str] | None = 
 
     With ``idle`` set, a BOOKMARK event carrying the current revision is yielded after that
     many seconds without a matching event, so clients can advance and dead peers are noticed.
+    With ``sync_marks``, a BOOKMARK also follows each burst of events once the watch has caught
+    up with the store, so a client knows a transaction is complete and can act on it at once.
     """
     with hub.watching():
         cursor = since
+        unmarked = False
         while True:
             events = await trio.to_thread.run_sync(store.events_since, cursor, page_size)
             for event in events:
                 meta = event.object["metadata"]
                 if ((kinds is None or event.object["kind"] in kinds)
                         and (namespace is None or (meta.get("namespace") or "") == namespace)):
+                    unmarked = True
                     yield event
                 cursor = event.revision
             if len(events) >= page_size:
                 continue  # the log may go on past this page
+            if sync_marks and unmarked:
+                unmarked = False
+                yield _bookmark(cursor)
             # Everything up to the store's revision at the read is consumed, and the hub is
             # level-triggered: a write committed after the read makes this return at once.
             with trio.move_on_after(idle if idle is not None else float("inf")) as waited:
                 await hub.wait_past(cursor)
             if waited.cancelled_caught:
-                yield Event("BOOKMARK", cursor, {"metadata": {"resourceVersion": str(cursor)}})
+                yield _bookmark(cursor)
+
+
+def _bookmark(revision: int) -> Event:
+    return Event("BOOKMARK", revision, {"metadata": {"resourceVersion": str(revision)}})

@@ -90,9 +90,13 @@ def status(output, controller, ca, cert, key, config):
     if not s["nodes"]:
         click.echo("nodes: none has joined yet (nodemesh token create --node NAME)")
         return
-    rows = [("NODE", "NODE-CERT-EXPIRES", "IDENTITIES", "NEAREST-EXPIRY")]
+    rows = [("NODE", "VERSION", "READY", "NODE-CERT-EXPIRES", "IDENTITIES", "NEAREST-EXPIRY", "LAST-ERROR")]
     for n in s["nodes"]:
-        rows.append((n["node"], until(n["nodeCertificateExpires"]), str(n["identities"]),
-                     until(n["nearestExpiry"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        version = "-" if n.get("version") is None else str(n["version"])
+        if n.get("version") is not None and n["version"] < int(s["resourceVersion"]):
+            version += f" (behind {s['resourceVersion']})"
+        ready = {True: "yes", False: "NO", None: "-"}[n.get("ready")]
+        rows.append((n["node"], version, ready, until(n["nodeCertificateExpires"]), str(n["identities"]),
+                     until(n["nearestExpiry"]), n.get("error") or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     click.echo("\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))

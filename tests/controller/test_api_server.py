@@ -171,16 +171,22 @@ async def test_watch_sees_every_event_in_order_under_concurrent_applies(controll
 
 async def test_watch_without_resource_version_starts_with_a_snapshot(controller):
     c = controller.client()
-    await controller.call(c.apply, [MESH, service("web", "10.96.0.10")])
+    rv = (await controller.call(c.apply, [MESH, service("web", "10.96.0.10")]))["resourceVersion"]
 
-    def first_two():
+    def first_five():
         with controller.client() as w:
             it = w.watch()
-            return [next(it), next(it)]
+            events = [next(it), next(it), next(it)]
+            w2 = controller.client()
+            w2.apply([service("db", "10.96.0.11")])  # a later write arrives, then its sync mark
+            return events + [next(it), next(it)]
 
     with trio.fail_after(10):
-        events = await trio.to_thread.run_sync(first_two)
-    assert [(e["type"], e["object"]["kind"]) for e in events] == [("ADDED", "Mesh"), ("ADDED", "Service")]
+        events = await trio.to_thread.run_sync(first_five)
+    assert [(e["type"], e["object"].get("kind")) for e in events] == [
+        ("ADDED", "Mesh"), ("ADDED", "Service"), ("BOOKMARK", None), ("ADDED", "Service"), ("BOOKMARK", None)]
+    assert events[2]["object"]["metadata"]["resourceVersion"] == rv  # end of the initial snapshot
+    assert int(events[4]["object"]["metadata"]["resourceVersion"]) == int(rv) + 1
 
 
 async def test_metrics_count_requests_and_expose_store_state(controller):

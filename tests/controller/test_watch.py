@@ -268,3 +268,15 @@ async def test_idle_watch_yields_bookmarks_with_the_current_revision(store):
             second = await events.__anext__()
     assert first.type == "ADDED"
     assert second.type == "BOOKMARK" and second.object["metadata"]["resourceVersion"] == str(store.revision)
+
+
+async def test_sync_marks_follow_each_burst_once_caught_up(store):
+    hub = Hub(store.revision)
+    async with aclosing(watch(store, hub, 0, sync_marks=True)) as events:
+        with trio.fail_after(5):
+            await write(store, hub, [obj("Service", "a"), obj("Service", "b")])
+            seen = [await events.__anext__() for _ in range(3)]
+            await write(store, hub, [obj("Service", "c")])
+            seen += [await events.__anext__() for _ in range(2)]
+    assert [e.type for e in seen] == ["ADDED", "ADDED", "BOOKMARK", "ADDED", "BOOKMARK"]
+    assert [e.revision for e in seen] == [1, 1, 1, 2, 2]
