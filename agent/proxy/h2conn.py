@@ -1,0 +1,600 @@
+"""h2conn.py: one HTTP/2 connection over a trio byte stream, its streams as trio streams.
+
+The only module that imports h2. Owns framing, flow control and the connection's two tasks
+(a reader that dispatches frames to streams, a writer that alone writes to the transport).
+Knows nothing of CONNECT semantics, identities, TLS or pooling: hbone.py builds those on top.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hyperframe.frame
+import trio
+
+from agent.proxy import ProxyError
+
+log = logging.getLogger(__name__)
+
+# Windows as ztunnel sets them, so bulk transfers are not window-bound on fast links.
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_FRAME_SIZE = 1024 * 1024
+_DEFAULT_WINDOW = 65535
+_READ_SIZE = 256 * 1024
+_MAX_SEND_CHUNK = 512 * 1024      # bytes queued into h2 per step of one send_all
+_GOAWAY_FLUSH_TIMEOUT = 1.0
+
+CANCEL = h2.errors.ErrorCodes.CANCEL
+NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def _raw_data_repr(data: bytes | None) -> str:
+    """hyperframe's DATA-frame repr, same output, but hexlifying 10 bytes instead of all.
+
+    h2 formats ``repr(frame)`` for a trace log on every received frame, even with logging
+    off (h2 4.x ``_receive_frame``); the original hexlifies the whole payload and then keeps
+    20 hex digits, which cost ~20% of tunnel throughput.
+    """
+    if not data:
+        return "None"
+    r = data[:11].hex()
+    return "<hex:" + (r[:20] + "..." if len(r) > 20 else r) + ">"
+
+
+if hasattr(hyperframe.frame, "_raw_data_repr"):
+    hyperframe.frame._raw_data_repr = _raw_data_repr
+
+
+class HboneError(ProxyError):
+    """Base of the HBONE tunnel's errors."""
+
+
+class StreamReset(HboneError):
+    """A stream ended by RST_STREAM; ``remote`` tells who reset it (RFC 9113 §6.4)."""
+
+    def __init__(self, error_code: int, remote: bool = True) -> None:
+        super().__init__(error_code, remote)   # args kept whole, so copy.copy() works
+        self.error_code = int(error_code)
+        self.remote = remote
+
+    def __str__(self) -> str:
+        return f"stream reset by {'peer' if self.remote else 'us'} ({_code_name(self.error_code)})"
+
+
+class ProtocolError(HboneError):
+    """An HTTP/2 protocol violation; see the Local/Remote subclasses for whose."""
+
+    def __init__(self, detail: str, error_code: int = h2.errors.ErrorCodes.PROTOCOL_ERROR) -> None:
+        super().__init__(detail, error_code)
+        self.detail = detail
+        self.error_code = int(error_code)
+
+    def __str__(self) -> str:
+        return f"{self.detail} ({_code_name(self.error_code)})"
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried something HTTP/2 forbids in the connection's current state."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke HTTP/2; the connection is torn down with GOAWAY."""
+
+
+class ConnectionLost(HboneError):
+    """The connection under a stream failed or closed before the stream finished."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def _code_name(code: int) -> str:
+    try:
+        return h2.errors.ErrorCodes(code).name
+    except ValueError:
+        return f"error code {code}"
+
+
+class H2Conn:
+    """One HTTP/2 connection. Start ``run`` in a task; it returns when the connection is done.
+
+    Client side: ``open_stream(headers)`` sends a request and returns the stream and the
+    response headers. Server side: ``on_request(stream, headers)`` is called (synchronously,
+    from the reader) for each new request; it must not block.
+    """
+
+    def __init__(self, transport: trio.abc.Stream, *, client_side: bool,
+                 max_concurrent_streams: int = 100,
+                 on_request: Callable[[HboneStream, Headers], None] | None = None) -> None:
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
+                                           validate_inbound_headers=client_side)
+        self._h2 = h2.connection.H2Connection(config)
+        self._h2.local_settings = h2.settings.Settings(client=client_side, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self._h2.DEFAULT_MAX_HEADER_LIST_SIZE,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        })
+        # Replacing local_settings before the preface is h2's way to set them; the one value
+        # it derived from the old object at construction must follow.
+        self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
+        self._transport = transport
+        self._on_request = on_request
+        self._streams: dict[int, HboneStream] = {}
+        self._failure: HboneError | None = None   # set once the connection is unusable
+        self._goaway = False                       # no new streams (either side said GOAWAY)
+        self._write_wanted = False
+        self._write_lot = trio.lowlevel.ParkingLot()
+        self._queued_gen = 0
+        self._sent_gen = 0
+        self._sent_lot = trio.lowlevel.ParkingLot()
+        self._changed = trio.lowlevel.ParkingLot()  # stream count or liveness changed
+        self._scope: trio.CancelScope | None = None
+        self._started = False
+        self._closed_locally = False
+
+    # --- the connection's life ------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._failure is None
+
+    @property
+    def accepting_streams(self) -> bool:
+        return self._failure is None and not self._goaway
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def peer_max_streams(self) -> int:
+        return self._h2.remote_settings.max_concurrent_streams
+
+    async def wait_changed(self) -> None:
+        """Wait until the stream count or the connection's liveness changes."""
+        await self._changed.park()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send the preface and drive the connection until it ends.
+
+        Returns when the peer closes or ``aclose`` was called; raises ``ConnectionLost`` or
+        ``RemoteProtocolError`` when the connection fails. Every stream still open then fails.
+        """
+        error: HboneError | None = None
+        self._h2.initiate_connection()
+        self._h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+        self._kick()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._writer)
+                self._started = True
+                task_status.started()
+                try:
+                    await self._reader()
+                except HboneError as e:
+                    error = e
+                nursery.cancel_scope.cancel()
+        finally:
+            log.debug("HTTP/2 connection (%s side) ended: %r", "client" if self._h2.config.client_side else "server",
+                      error or self._failure)
+            self._fail(error or self._failure or ConnectionLost("connection closed"))
+            if self._closed_locally:
+                with trio.move_on_after(_GOAWAY_FLUSH_TIMEOUT) as cs:
+                    cs.shield = True
+                    try:
+                        await self._transport.aclose()     # TLS close_notify
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+            await trio.aclose_forcefully(self._transport)
+        if error is not None:
+            raise error
+
+    async def aclose(self) -> None:
+        """Say GOAWAY, give it a moment to leave, then end ``run`` (open streams fail)."""
+        if self._failure is None and self._started:
+            self._goaway = True
+            self._h2.close_connection()
+            with trio.move_on_after(_GOAWAY_FLUSH_TIMEOUT):
+                try:
+                    await self._flush()
+                except ConnectionLost:
+                    pass
+        self._closed_locally = True
+        self._fail(ConnectionLost("connection closed locally"))
+        await trio.lowlevel.checkpoint()
+
+    def _fail(self, error: HboneError) -> None:
+        if self._failure is None:
+            self._failure = error
+        for stream in list(self._streams.values()):
+            stream._break(self._failure)
+        if self._scope is not None:
+            self._scope.cancel()
+        self._sent_lot.unpark_all()
+        self._changed.unpark_all()
+
+    # --- writing: only the writer task touches the transport --------------------------------
+    # A cancelled send on a TLS stream breaks it for everyone, so streams never write
+    # themselves: they queue frames into h2 and wait for the writer to hand them over.
+
+    def _kick(self) -> None:
+        self._write_wanted = True
+        self._write_lot.unpark_all()
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._write_wanted:
+                await self._write_lot.park()
+            self._write_wanted = False
+            gen = self._queued_gen
+            data = self._h2.data_to_send()
+            if data:
+                try:
+                    await self._transport.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    self._fail(ConnectionLost(f"write failed: {e!r}"))
+                    return
+            self._sent_gen = gen
+            self._sent_lot.unpark_all()
+
+    async def _flush(self) -> None:
+        """Wait until everything queued so far has been handed to the transport."""
+        self._queued_gen += 1
+        target = self._queued_gen
+        self._kick()
+        while self._sent_gen < target:
+            if self._failure is not None:
+                raise ConnectionLost(self._failure.args[0] if self._failure.args else "closed")
+            await self._sent_lot.park()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                data = await self._transport.receive_some(_READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                if self._goaway and not self._streams:
+                    return      # the peer said GOAWAY and hung up (maybe without close_notify)
+                cause = e.__cause__ or e
+                raise ConnectionLost(f"read failed: {cause!r}") from e
+            if not data:
+                if self._streams:
+                    raise ConnectionLost("peer closed the connection with streams open")
+                return
+            try:
+                events = self._h2.receive_data(data)
+            except h2.exceptions.ProtocolError as e:
+                self._kick()   # h2 queued a GOAWAY naming the error
+                with trio.move_on_after(_GOAWAY_FLUSH_TIMEOUT):
+                    await self._flush()
+                raise RemoteProtocolError(str(e) or type(e).__name__,
+                                          getattr(e, "error_code", None)
+                                          or h2.errors.ErrorCodes.PROTOCOL_ERROR) from e
+            for event in events:
+                self._dispatch(event)
+            self._kick()
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        sid = getattr(event, "stream_id", None)
+        stream = self._streams.get(sid) if sid else None
+        if isinstance(event, h2.events.DataReceived):
+            if stream is None or stream._closed:
+                self._ack(event.stream_id, event.flow_controlled_length)
+            else:
+                stream._on_data(event.data, event.flow_controlled_length)
+        elif isinstance(event, h2.events.RequestReceived):
+            self._new_inbound(event.stream_id, event.headers)
+        elif isinstance(event, h2.events.ResponseReceived):
+            if stream is not None:
+                stream._on_response(event.headers)
+        elif isinstance(event, h2.events.StreamEnded):
+            if stream is not None:
+                stream._on_end()
+        elif isinstance(event, h2.events.StreamReset):
+            if stream is not None:
+                stream._break(StreamReset(event.error_code, event.remote_reset))
+        elif isinstance(event, h2.events.WindowUpdated):
+            targets = self._streams.values() if not event.stream_id else [stream] if stream else []
+            for s in targets:
+                s._send_lot.unpark_all()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            for s in self._streams.values():
+                s._send_lot.unpark_all()
+            self._changed.unpark_all()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._goaway = True
+            last = event.last_stream_id or 0
+            refused = ConnectionLost(f"peer sent GOAWAY ({_code_name(event.error_code)})")
+            for s in list(self._streams.values()):
+                if s.stream_id > last and s.stream_id % 2 == (1 if self._h2.config.client_side else 0):
+                    s._break(refused)
+            self._changed.unpark_all()
+        # Trailers, pings, priority and unknown frames need nothing from us (h2 answers pings).
+
+    def _new_inbound(self, sid: int, headers: Headers) -> None:
+        stream = HboneStream(self, sid)
+        self._streams[sid] = stream
+        self._changed.unpark_all()
+        if self._on_request is None or self._goaway:
+            stream._abort(h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        self._on_request(stream, headers)
+
+    # --- used by streams -------------------------------------------------------------------
+
+    def open_stream_nowait(self, headers: Headers) -> HboneStream:
+        """Queue a request's HEADERS on a new stream; the caller flushes and awaits the response."""
+        if self._failure is not None:
+            raise ConnectionLost(str(self._failure))
+        if self._goaway:
+            raise ConnectionLost("connection is going away")
+        sid = self._h2.get_next_available_stream_id()
+        try:
+            self._h2.send_headers(sid, headers)
+        except h2.exceptions.ProtocolError as e:
+            raise LocalProtocolError(str(e) or type(e).__name__) from e
+        stream = HboneStream(self, sid)
+        self._streams[sid] = stream
+        self._changed.unpark_all()
+        self._kick()
+        return stream
+
+    def _send_window(self, sid: int) -> int:
+        try:
+            return min(self._h2.local_flow_control_window(sid), self._h2.max_outbound_frame_size * 4)
+        except h2.exceptions.StreamClosedError:
+            return 0
+
+    def _ack(self, sid: int, n: int) -> None:
+        if n and self._failure is None:
+            self._h2.acknowledge_received_data(n, sid)
+            self._kick()
+
+    def _release(self, stream: HboneStream) -> None:
+        if self._streams.get(stream.stream_id) is stream:
+            del self._streams[stream.stream_id]
+            self._changed.unpark_all()
+
+
+class HboneStream(trio.abc.HalfCloseableStream):
+    """One HTTP/2 stream as a trio half-closeable byte stream (a CONNECT tunnel's payload).
+
+    ``receive_some`` returns b"" after the peer's END_STREAM; ``send_eof`` sends END_STREAM.
+    A reset by the peer, or the loss of the connection, makes ``send_all``/``receive_some``
+    raise ``trio.BrokenResourceError`` whose ``__cause__`` is a ``StreamReset`` or
+    ``ConnectionLost``. ``aclose`` resets the stream (CANCEL) unless it finished both ways.
+    Received data is acknowledged to the peer (window reopened) only as it is read.
+    """
+
+    def __init__(self, conn: H2Conn, stream_id: int) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self.response_headers: Headers | None = None
+        self._chunks: deque[memoryview] = deque()
+        self._buffered = 0
+        self.peak_buffered = 0          # for tests and metrics: receive-side high-water mark
+        self._recv_eof = False
+        self._sent_eof = False
+        self._closed = False
+        self._broken: HboneError | None = None
+        self._recv_lot = trio.lowlevel.ParkingLot()
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self._sending = False
+        self._receiving = False
+
+    # --- trio stream API --------------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            view = memoryview(data).cast("B")
+            sent_any = False
+            while True:
+                self._check_send()
+                if not view:
+                    break
+                window = self._conn._send_window(self.stream_id)
+                if window <= 0:
+                    await self._send_lot.park()
+                    continue
+                n = min(window, len(view), _MAX_SEND_CHUNK)
+                frame = self._conn._h2.max_outbound_frame_size
+                for off in range(0, n, frame):
+                    self._conn._h2.send_data(self.stream_id, bytes(view[off:min(off + frame, n)]))
+                view = view[n:]
+                await self._flush()
+                sent_any = True
+            if not sent_any:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while (not self._closed and self._broken is None and not self._sent_eof
+               and self._conn._send_window(self.stream_id) <= 0):
+            await self._send_lot.park()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._sent_eof and not self._closed:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        self._check_send()
+        self._sent_eof = True
+        try:
+            self._conn._h2.end_stream(self.stream_id)
+        except h2.exceptions.ProtocolError as e:
+            raise trio.BrokenResourceError("cannot end the stream") from LocalProtocolError(str(e))
+        self._maybe_finished()
+        await self._flush()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            parked = False
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._broken is not None:
+                    raise trio.BrokenResourceError(str(self._broken)) from self._broken
+                if self._buffered or self._recv_eof:
+                    break
+                await self._recv_lot.park()
+                parked = True
+            data = self._take(max_bytes) if self._buffered else b""
+            if data:
+                self._conn._ack(self.stream_id, len(data))
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        finally:
+            self._receiving = False
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            finished = self._sent_eof and self._recv_eof
+            self._abort(NO_ERROR if finished else CANCEL, reset=not finished)
+        await trio.lowlevel.checkpoint()
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _check_send(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError(str(self._broken)) from self._broken
+        if self._sent_eof:
+            raise trio.ClosedResourceError("send_eof was already called")
+
+    async def _flush(self) -> None:
+        try:
+            await self._conn._flush()
+        except ConnectionLost as e:
+            raise trio.BrokenResourceError(str(e)) from e
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        limit = max_bytes if max_bytes is not None else _READ_SIZE
+        first = self._chunks[0]
+        if len(first) >= limit or len(self._chunks) == 1:
+            n = min(limit, len(first))
+            out = bytes(first[:n])
+            if n == len(first):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = first[n:]
+        else:
+            parts, total = [], 0
+            while self._chunks and total < limit:
+                chunk = self._chunks.popleft()
+                if total + len(chunk) > limit:
+                    self._chunks.appendleft(chunk[limit - total:])
+                    chunk = chunk[:limit - total]
+                parts.append(chunk)
+                total += len(chunk)
+            out = b"".join(parts)
+        self._buffered -= len(out)
+        return out
+
+    def _on_data(self, data: bytes, flow_controlled_length: int) -> None:
+        padding = flow_controlled_length - len(data)
+        if padding:
+            self._conn._ack(self.stream_id, padding)
+        if data:
+            self._chunks.append(memoryview(data))
+            self._buffered += len(data)
+            self.peak_buffered = max(self.peak_buffered, self._buffered)
+            self._recv_lot.unpark_all()
+
+    def _on_response(self, headers: Headers) -> None:
+        self.response_headers = headers
+        self._recv_lot.unpark_all()
+
+    def _on_end(self) -> None:
+        self._recv_eof = True
+        self._recv_lot.unpark_all()
+        self._maybe_finished()
+
+    def _maybe_finished(self) -> None:
+        if self._sent_eof and self._recv_eof:
+            self._conn._release(self)
+
+    def _break(self, error: HboneError) -> None:
+        if self._broken is None and not (self._sent_eof and self._recv_eof):
+            self._broken = error
+            self._chunks.clear()
+            self._buffered = 0
+        self._conn._release(self)
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    def _abort(self, error_code: int, *, reset: bool = True) -> None:
+        """Close without waiting: RST_STREAM(error_code) unless finished, drop the buffer."""
+        if reset and self._broken is None and self._conn.alive:
+            try:
+                self._conn._h2.reset_stream(self.stream_id, error_code)
+            except h2.exceptions.StreamClosedError:
+                pass
+            self._conn._kick()
+        self._closed = True
+        # Unread data still holds connection window: hand it back.
+        if self._buffered:
+            self._conn._ack(self.stream_id, self._buffered)
+        self._chunks.clear()
+        self._buffered = 0
+        self._conn._release(self)
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    def send_headers_nowait(self, headers: Headers, *, end_stream: bool = False) -> None:
+        """Queue HEADERS on this stream (server: the response); the writer sends it soon."""
+        self._check_send()
+        try:
+            self._conn._h2.send_headers(self.stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as e:
+            raise LocalProtocolError(str(e) or type(e).__name__) from e
+        if end_stream:
+            self._sent_eof = True
+            self._maybe_finished()
+        self._conn._kick()
+
+    async def send_headers(self, headers: Headers, *, end_stream: bool = False) -> None:
+        """Send HEADERS on this stream and wait until they are handed to the transport."""
+        self.send_headers_nowait(headers, end_stream=end_stream)
+        await self._flush()
+
+    async def wait_response(self) -> Headers:
+        """Client side: wait for the response headers (raises the stream's failure)."""
+        while self.response_headers is None:
+            if self._broken is not None:
+                raise self._broken
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            await self._recv_lot.park()
+        return self.response_headers

@@ -1,0 +1,506 @@
+"""hbone.py: HBONE, Istio ambient's tunnel: HTTP/2 CONNECT over mutual TLS 1.3, port 15008.
+
+Owns the CONNECT request shape (RFC 9113 §8.5), peer SPIFFE-ID checks on TLS connections,
+the client's connection pool and the server's per-connection loop. Decides nothing: the
+server hands each request to a handler (which authorizes and connects), the client is told
+where to go and whom to expect. HTTP/2 itself lives in h2conn.py.
+"""
+from __future__ import annotations
+
+import copy
+import ipaddress
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from agent.proxy.h2conn import (
+    CANCEL, NO_ERROR, ConnectionLost, H2Conn, HboneError, HboneStream, Headers,
+    LocalProtocolError, ProtocolError, RemoteProtocolError, StreamReset,
+)
+from agent.proxy.relay import open_marked_tcp_stream
+
+__all__ = [
+    "HBONE_PORT", "ConnectFailed", "ConnectRefused", "ConnectRequest", "ConnectionLost",
+    "HandshakeFailed", "HboneError", "HbonePool", "HboneStream", "LocalProtocolError",
+    "PeerNotAllowed", "PoolStats", "ProtocolError", "RemoteProtocolError", "StreamReset",
+    "format_forwarded", "open_hbone_pool", "parse_authority", "parse_forwarded",
+    "peer_identity", "serve_hbone",
+]
+
+log = logging.getLogger(__name__)
+
+HBONE_PORT = 15008
+ALPN = "h2"
+SERVER_MAX_STREAMS = 1000
+
+Connector = Callable[[str, int], Awaitable[trio.SocketStream]]
+ExpectedPeer = Callable[[str], bool] | set[str] | frozenset[str]
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+class ConnectFailed(HboneError):
+    """The TCP connection to a node's HBONE port could not be made."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(address, reason)
+        self.address, self.reason = address, reason
+
+    def __str__(self) -> str:
+        return f"cannot connect to {self.address}: {self.reason}"
+
+
+class HandshakeFailed(HboneError):
+    """The TLS handshake failed, or the peer did not negotiate ALPN "h2"."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(address, reason)
+        self.address, self.reason = address, reason
+
+    def __str__(self) -> str:
+        return f"TLS handshake with {self.address} failed: {self.reason}"
+
+
+class PeerNotAllowed(HboneError):
+    """The peer's certificate does not carry an identity we accept (``peer`` may be None)."""
+
+    def __init__(self, peer: str | None, reason: str) -> None:
+        super().__init__(peer, reason)
+        self.peer, self.reason = peer, reason
+
+    def __str__(self) -> str:
+        return f"peer {self.peer or '(no SPIFFE ID)'} not allowed: {self.reason}"
+
+
+class ConnectRefused(HboneError):
+    """The far node answered the CONNECT with a non-200 status (403 denied, 5xx upstream)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"CONNECT refused with status {self.status}"
+
+
+# --- the request shape --------------------------------------------------------------------
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """Split an HBONE ``:authority`` (``ip:port``, ``[v6]:port``) into (ip, port).
+
+    Raises ValueError for anything else: HBONE addresses workloads by IP, never by name.
+    """
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"authority {authority!r} is not ip:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ipaddress.ip_address(host).version != 6:
+            raise ValueError(f"authority {authority!r}: brackets are for IPv6 only")
+    elif ":" in host:
+        raise ValueError(f"authority {authority!r}: IPv6 must be bracketed")
+    ip = str(ipaddress.ip_address(host))
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"authority {authority!r}: port out of range")
+    return ip, port
+
+
+def format_authority(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def format_forwarded(ip: str) -> str:
+    """``Forwarded`` value carrying the source IP (RFC 7239 §6: IPv6 quoted and bracketed)."""
+    return f'for="[{ip}]"' if ":" in ip else f"for={ip}"
+
+
+def parse_forwarded(value: str) -> str | None:
+    """The source IP of the first ``for=`` in a ``Forwarded`` value, or None if absent/invalid."""
+    first = value.split(",", 1)[0]
+    for pair in first.split(";"):
+        name, _, token = pair.strip().partition("=")
+        if name.strip().lower() != "for":
+            continue
+        token = token.strip().strip('"')
+        if token.startswith("["):
+            token = token[1:].partition("]")[0]
+        elif token.count(":") == 1:
+            token = token.partition(":")[0]     # ip:port
+        try:
+            return str(ipaddress.ip_address(token))
+        except ValueError:
+            return None
+    return None
+
+
+def peer_identity(tls: trio.SSLStream) -> str:
+    """The peer's SPIFFE ID: the one URI SAN of its verified certificate.
+
+    Raises PeerNotAllowed when the peer sent no certificate or not exactly one spiffe:// URI.
+    """
+    cert = tls.getpeercert()
+    if not cert:
+        raise PeerNotAllowed(None, "no verified peer certificate")
+    uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI" and v.startswith("spiffe://")]
+    if len(uris) != 1:
+        raise PeerNotAllowed(None, f"expected exactly one spiffe:// URI SAN, got {len(uris)}")
+    return uris[0]
+
+
+def _check_alpn(tls: trio.SSLStream, address: str) -> None:
+    proto = tls.selected_alpn_protocol()
+    if proto != ALPN:
+        raise HandshakeFailed(address, f"ALPN negotiated {proto!r}, HBONE needs {ALPN!r}")
+
+
+def _peer_allowed(expected: ExpectedPeer, identity: str) -> bool:
+    return identity in expected if isinstance(expected, (set, frozenset)) else bool(expected(identity))
+
+
+def _h(name: str, value: str) -> tuple[bytes, bytes]:
+    return name.encode("latin-1"), value.encode("latin-1")
+
+
+# --- server -----------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class ConnectRequest:
+    """One CONNECT on an inbound HBONE connection. The handler answers it exactly once:
+    ``accept()`` (200, returns the tunnel's stream) or ``reject(status)``."""
+
+    authority: str
+    forwarded_for: str | None
+    peer_identity: str
+    headers: tuple[tuple[str, str], ...]
+    _stream: HboneStream = field(repr=False)
+    _answered: int | None = field(default=None, repr=False)
+
+    @property
+    def destination(self) -> tuple[str, int]:
+        return parse_authority(self.authority)
+
+    @property
+    def answered(self) -> int | None:
+        """The status sent so far, or None."""
+        return self._answered
+
+    async def accept(self) -> HboneStream:
+        """Answer 200 and return the stream (raises BrokenResourceError if the client left)."""
+        self._answer(200)
+        await self._stream.send_headers([(b":status", b"200")])
+        return self._stream
+
+    async def reject(self, status: int) -> None:
+        """Answer ``status`` (403 denied, 502/503 upstream failure) and end the stream."""
+        if not 300 <= status <= 599:
+            raise ValueError(f"reject needs an error status, got {status}")
+        self._answer(status)
+        await _reject(self._stream, status)
+
+    def _answer(self, status: int) -> None:
+        if self._answered is not None:
+            raise LocalProtocolError(f"request already answered with {self._answered}")
+        self._answered = status
+
+
+async def _reject(stream: HboneStream, status: int) -> None:
+    stream.send_headers_nowait([(b":status", str(status).encode())], end_stream=True)
+    # The client may still be sending: RST_STREAM(NO_ERROR) tells it to stop (RFC 9113 §8.1).
+    stream._abort(NO_ERROR, reset=not stream._recv_eof)
+    await trio.lowlevel.checkpoint()
+
+
+async def serve_hbone(tls_stream: trio.SSLStream,
+                      handler: Callable[[ConnectRequest], Awaitable[None]], *,
+                      max_concurrent_streams: int = SERVER_MAX_STREAMS) -> None:
+    """Serve one inbound HBONE connection until the client closes it.
+
+    Completes the TLS handshake, reads the client's SPIFFE ID, then runs ``handler(request)``
+    in its own task for every CONNECT stream. Answers by itself: 405 to a non-CONNECT
+    request, 400 to a missing or invalid ``:authority`` (or an extended CONNECT), 502 when a
+    handler returns without answering or raises. Never raises for the connection's own
+    failures: they end it and are logged.
+    """
+    address = _remote_address(tls_stream)
+    try:
+        try:
+            await tls_stream.do_handshake()
+        except trio.BrokenResourceError as e:
+            raise HandshakeFailed(address, repr(e.__cause__ or e)) from e
+        _check_alpn(tls_stream, address)
+        peer = peer_identity(tls_stream)
+        log.debug("HBONE connection from %s as %s", address, peer)
+        error: HboneError | None = None
+        async with trio.open_nursery() as nursery:
+            def on_request(stream: HboneStream, headers: Headers) -> None:
+                request = _parse_request(stream, headers, peer)
+                if request is not None:
+                    nursery.start_soon(_run_handler, handler, request, address)
+
+            conn = H2Conn(tls_stream, client_side=False, max_concurrent_streams=max_concurrent_streams,
+                          on_request=on_request)
+            try:
+                await conn.run()
+            except HboneError as e:     # caught here, not around the nursery (no ExceptionGroup)
+                error = e
+            finally:
+                nursery.cancel_scope.cancel()   # the connection is gone: so are its streams
+        if error is not None:
+            raise error
+    except HboneError as e:
+        log.info("HBONE connection from %s ended: %s", address, e)
+    finally:
+        await trio.aclose_forcefully(tls_stream)
+
+
+def _parse_request(stream: HboneStream, raw: Headers, peer: str) -> ConnectRequest | None:
+    """Answer a malformed request on the spot (None), else describe the CONNECT."""
+    headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
+    pseudo = {k: v for k, v in headers if k.startswith(":")}
+    status = None
+    if pseudo.get(":method") != "CONNECT":
+        status = 405
+    elif ":scheme" in pseudo or ":path" in pseudo or ":protocol" in pseudo:
+        status = 400      # RFC 9113 §8.5: ordinary CONNECT has :authority only
+    else:
+        try:
+            parse_authority(pseudo.get(":authority", ""))
+        except ValueError:
+            status = 400
+    if status is not None:
+        log.info("HBONE request from %s refused with %d: %s", peer, status, pseudo)
+        stream.send_headers_nowait([(b":status", str(status).encode())], end_stream=True)
+        stream._abort(NO_ERROR, reset=not stream._recv_eof)
+        return None
+    forwarded = next((v for k, v in headers if k == "forwarded"), None)
+    return ConnectRequest(
+        authority=pseudo[":authority"],
+        forwarded_for=parse_forwarded(forwarded) if forwarded is not None else None,
+        peer_identity=peer,
+        headers=tuple((k, v) for k, v in headers if not k.startswith(":")),
+        _stream=stream,
+    )
+
+
+async def _run_handler(handler: Callable[[ConnectRequest], Awaitable[None]],
+                       request: ConnectRequest, address: str) -> None:
+    stream = request._stream
+    try:
+        await handler(request)
+        if request.answered is None:
+            await request.reject(502)
+    # The handler is the caller's code; one bad stream must not take the connection down.
+    except Exception:
+        log.exception("HBONE handler for %s from %s (%s) failed", request.authority,
+                      request.peer_identity, address)
+        if request.answered is None and stream._broken is None:
+            try:
+                await request.reject(502)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, HboneError):
+                pass
+    finally:
+        await stream.aclose()     # resets the stream unless it finished cleanly both ways
+
+
+def _remote_address(tls: trio.SSLStream) -> str:
+    try:
+        host, port = tls.transport_stream.socket.getpeername()[:2]
+        return format_authority(host, port)
+    except (AttributeError, OSError):
+        return "?"
+
+
+# --- client pool ------------------------------------------------------------------------------
+
+PoolKey = tuple[str, Hashable, tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    connections: int
+    streams: int
+
+
+@dataclass(eq=False)
+class _Dial:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: HboneError | None = None
+
+
+class HbonePool:
+    """Pooled HBONE connections per (source identity, expected peer, node address).
+
+    Make one with ``open_hbone_pool``. A connection is shared by up to
+    ``max_streams_per_connection`` streams (or the server's limit if lower) and closed after
+    ``idle_timeout`` seconds without streams.
+    """
+
+    def __init__(self, nursery: trio.Nursery, *, connect: Connector,
+                 max_streams_per_connection: int, idle_timeout: float) -> None:
+        self._nursery = nursery
+        self._connect = connect
+        self._max_streams = max_streams_per_connection
+        self._idle_timeout = idle_timeout
+        self._conns: dict[PoolKey, list[H2Conn]] = {}
+        self._dials: dict[PoolKey, _Dial] = {}
+        self._closed = False
+
+    def stats(self) -> PoolStats:
+        conns = [c for cs in self._conns.values() for c in cs if c.alive]
+        return PoolStats(connections=len(conns), streams=sum(c.active_streams for c in conns))
+
+    async def open(self, target: str, *, node_address: tuple[str, int], source_identity: str,
+                   expected_peer: ExpectedPeer, ssl_context: ssl.SSLContext,
+                   forwarded_for: str) -> HboneStream:
+        """Open a CONNECT tunnel to ``target`` (``ip:port``) through the node at ``node_address``.
+
+        Reuses a pooled connection with a free stream slot, else dials one (concurrent opens
+        for the same key share a single dial). Returns the stream after the 200 response.
+        Raises ConnectFailed, HandshakeFailed, PeerNotAllowed (server identity not expected),
+        ConnectRefused(status), StreamReset or ConnectionLost; ValueError for a bad target.
+        """
+        ip, port = parse_authority(target)
+        if self._closed:
+            raise trio.ClosedResourceError("HBONE pool is closed")
+        peer_key: Hashable = frozenset(expected_peer) if isinstance(expected_peer, (set, frozenset)) else expected_peer
+        key: PoolKey = (source_identity, peer_key, (node_address[0], int(node_address[1])))
+        conn = await self._checkout(key, ssl_context, expected_peer)
+        # No checkpoint between choosing the connection and taking its slot.
+        stream = conn.open_stream_nowait([
+            _h(":method", "CONNECT"), _h(":authority", format_authority(ip, port)),
+            _h("forwarded", format_forwarded(forwarded_for)),
+        ])
+        try:
+            response = await stream.wait_response()
+        except BaseException:
+            stream._abort(CANCEL)
+            raise
+        status = _status(response)
+        if status != 200:
+            stream._abort(NO_ERROR if stream._recv_eof else CANCEL)
+            raise ConnectRefused(status)
+        return stream
+
+    async def _checkout(self, key: PoolKey, ssl_context: ssl.SSLContext,
+                        expected_peer: ExpectedPeer) -> H2Conn:
+        while True:
+            for conn in self._conns.get(key, ()):
+                limit = min(self._max_streams, conn.peer_max_streams)
+                if conn.accepting_streams and conn.active_streams < limit:
+                    return conn
+            dial = self._dials.get(key)
+            if dial is not None:
+                await dial.done.wait()
+                if dial.error is not None:
+                    raise copy.copy(dial.error) from dial.error
+                continue            # dialled (or the dialler was cancelled): look again
+            dial = self._dials[key] = _Dial()
+            try:
+                return await self._dial(key, ssl_context, expected_peer)
+            except HboneError as e:
+                dial.error = e
+                raise
+            finally:
+                del self._dials[key]
+                dial.done.set()
+
+    async def _dial(self, key: PoolKey, ssl_context: ssl.SSLContext,
+                    expected_peer: ExpectedPeer) -> H2Conn:
+        host, port = key[2]
+        address = format_authority(host, port)
+        try:
+            tcp = await self._connect(host, port)
+        except OSError as e:
+            raise ConnectFailed(address, repr(e)) from e
+        tls = trio.SSLStream(tcp, ssl_context, https_compatible=True)
+        try:
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as e:
+                raise HandshakeFailed(address, repr(e.__cause__ or e)) from e
+            _check_alpn(tls, address)
+            identity = peer_identity(tls)
+            if not _peer_allowed(expected_peer, identity):
+                raise PeerNotAllowed(identity, f"not the identity expected at {address}")
+        except BaseException:
+            await trio.aclose_forcefully(tls)
+            raise
+        conn = H2Conn(tls, client_side=True)
+        await self._nursery.start(self._run_conn, key, conn)
+        return conn
+
+    async def _run_conn(self, key: PoolKey, conn: H2Conn, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._conns.setdefault(key, []).append(conn)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._close_when_idle, key, conn)
+                try:
+                    await conn.run(task_status=task_status)
+                except HboneError as e:
+                    log.info("HBONE connection to %s ended: %s", key[2], e)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._forget(key, conn)
+
+    async def _close_when_idle(self, key: PoolKey, conn: H2Conn) -> None:
+        while True:
+            while conn.active_streams:
+                await conn.wait_changed()
+            with trio.move_on_after(self._idle_timeout):
+                while not conn.active_streams:
+                    await conn.wait_changed()
+                continue
+            self._forget(key, conn)      # first, so no open() picks it while it closes
+            await conn.aclose()
+            return
+
+    def _forget(self, key: PoolKey, conn: H2Conn) -> None:
+        conns = self._conns.get(key, [])
+        if conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._conns[key]
+
+    async def _aclose(self) -> None:
+        self._closed = True
+        conns = [c for cs in self._conns.values() for c in cs]
+        self._conns.clear()
+        for conn in conns:
+            await conn.aclose()
+
+
+def _status(headers: Headers) -> int:
+    for k, v in headers:
+        if k == b":status":
+            try:
+                return int(v)
+            except ValueError:
+                break
+    raise RemoteProtocolError("response without a valid :status")
+
+
+@asynccontextmanager
+async def open_hbone_pool(*, connect: Connector = open_marked_tcp_stream,
+                          max_streams_per_connection: int = 100,
+                          idle_timeout: float = 60.0) -> AsyncIterator[HbonePool]:
+    """Run an HBONE client pool; on exit every pooled connection is closed (GOAWAY)."""
+    body_error: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        pool = HbonePool(nursery, connect=connect, max_streams_per_connection=max_streams_per_connection,
+                         idle_timeout=idle_timeout)
+        try:
+            yield pool
+        except Exception as e:          # re-raised below, unwrapped by the nursery
+            body_error = e
+        finally:
+            with trio.CancelScope(shield=True):
+                await pool._aclose()
+            nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error

@@ -1,0 +1,140 @@
+"""relay.py: copy bytes both ways between two trio streams, and open the proxy's own sockets.
+
+Owns read sizing, half-close propagation, abort-on-error and byte counting. Knows nothing of
+what the streams are (TCP, TLS, HBONE), of identities or of policy.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+
+import trio
+
+from agent.proxy import ProxyError
+
+log = logging.getLogger(__name__)
+
+# Every redirect rule skips packets with this mark, so the proxy's own upstream connections
+# are never captured again (DESIGN "Data flow"). 0x539 = 1337, as Istio's ztunnel uses.
+PROXY_MARK = 0x539
+
+# Reads grow 1 KiB -> 16 KiB -> 256 KiB when a read fills the buffer (ztunnel's copy.rs):
+# small for request/response chatter, large for bulk.
+READ_SIZES = (1024, 16 * 1024, 256 * 1024)
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@dataclass
+class RelayCounters:
+    """Bytes delivered so far in each direction; updated as they move (read by metrics)."""
+
+    a_to_b: int = 0
+    b_to_a: int = 0
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    a_to_b: int
+    b_to_a: int
+
+
+class RelayError(ProxyError):
+    """One side failed; both were aborted. ``direction`` is where it happened ("a_to_b" or
+    "b_to_a"); the counts are the bytes delivered before. ``__cause__`` is the stream error."""
+
+    def __init__(self, direction: str, a_to_b: int, b_to_a: int, reason: str) -> None:
+        super().__init__(direction, a_to_b, b_to_a, reason)
+        self.direction, self.a_to_b, self.b_to_a, self.reason = direction, a_to_b, b_to_a, reason
+
+    def __str__(self) -> str:
+        return (f"relay failed in {self.direction} after {self.a_to_b} bytes a->b, "
+                f"{self.b_to_a} bytes b->a: {self.reason}")
+
+
+async def relay(a: trio.abc.Stream, b: trio.abc.Stream, *,
+                counters: RelayCounters | None = None) -> RelayResult:
+    """Copy a->b and b->a until both directions reach EOF; return the bytes delivered.
+
+    EOF from one side becomes ``send_eof`` on the other when it is a HalfCloseableStream
+    (a non-half-closeable side just stops receiving in that direction). Two tasks in all: the
+    caller copies b->a, one child copies a->b. On an error on either side, or cancellation,
+    both streams are aborted (a TCP socket is reset, an HBONE stream gets RST_STREAM) and
+    ``RelayError`` is raised with the counts so far. The streams stay the caller's to close
+    after a clean finish.
+    """
+    counters = counters if counters is not None else RelayCounters()
+    failures: list[tuple[str, BaseException]] = []
+    clean = False
+
+    async def direction(src: trio.abc.Stream, dst: trio.abc.Stream, name: str,
+                        scope: trio.CancelScope) -> None:
+        try:
+            await _copy(src, dst, counters, name)
+        except _STREAM_ERRORS as e:
+            failures.append((name, e))
+            scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(direction, a, b, "a_to_b", nursery.cancel_scope)
+            await direction(b, a, "b_to_a", nursery.cancel_scope)
+        clean = not failures
+    finally:
+        if not clean:
+            with trio.CancelScope(shield=True):
+                await abort(a)
+                await abort(b)
+    if failures:
+        name, error = failures[0]
+        raise RelayError(name, counters.a_to_b, counters.b_to_a, repr(error)) from error
+    return RelayResult(counters.a_to_b, counters.b_to_a)
+
+
+async def _copy(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream,
+                counters: RelayCounters, name: str) -> None:
+    size_index = 0
+    size = READ_SIZES[0]
+    while True:
+        data = await src.receive_some(size)
+        if not data:
+            break
+        await dst.send_all(data)
+        setattr(counters, name, getattr(counters, name) + len(data))
+        if len(data) == size and size_index + 1 < len(READ_SIZES):
+            size_index += 1
+            size = READ_SIZES[size_index]
+    if isinstance(dst, trio.abc.HalfCloseableStream):
+        await dst.send_eof()
+
+
+async def abort(stream: trio.abc.AsyncResource) -> None:
+    """Close ``stream`` now, signalling an error where the transport can: a TCP socket is
+    reset (SO_LINGER 0 → RST) rather than closed with FIN; an HBONE stream resets itself."""
+    if isinstance(stream, trio.SocketStream):
+        try:
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    await trio.aclose_forcefully(stream)
+
+
+async def open_marked_tcp_stream(host: str, port: int, *, mark: int = PROXY_MARK) -> trio.SocketStream:
+    """Connect to ``host:port`` (an IP literal) from a socket carrying SO_MARK ``mark`` and
+    TCP_NODELAY. Setting the mark needs CAP_NET_ADMIN; without it the socket goes unmarked
+    (logged at debug), which is fine wherever no redirect rule would catch it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        except (PermissionError, AttributeError) as e:
+            log.debug("SO_MARK %#x not set on connection to %s:%d: %s", mark, host, port, e)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
