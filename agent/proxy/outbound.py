@@ -1,0 +1,185 @@
+"""outbound.py: a local workload's outgoing connection, from original destination to upstream.
+
+Decide (``plan_outbound``, then ``balancer.pick`` per attempt), then do: a remote endpoint is
+reached through HBONE (mTLS as the source workload, expecting the endpoint's identity), a
+same-node one through the fast path (the same authorization as inbound, then a direct dial in
+the destination's netns: no TLS hop to ourselves). A failed connect is retried on another
+endpoint within the connect timeout. Destinations outside the mesh pass through unless that
+is turned off. HBONE pools are per source workload, dialling from its netns.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import trio
+
+from agent.balancer import NoEndpoint, Stats, pick
+from agent.identity import IdentityError, IdentityManager
+from agent.policy import Deny
+from agent.proxy import ProxyError
+from agent.proxy.hbone import HBONE_PORT, ConnectRefused, HboneError, HbonePool, open_hbone_pool
+from agent.proxy.inbound import Delivery, Denied, OrigDst
+from agent.proxy.plan import ConnRecord, NoRoute, Passthrough, Upstream, plan_outbound
+from agent.proxy.relay import RelayCounters, RelayError, abort, relay
+from agent.state import Endpoint, Snapshot
+from controller.api import SpiffeId, Workload
+
+log = logging.getLogger("nodemesh.agent.outbound")
+
+
+class Pools:
+    """One HBONE pool per local source workload, dialling from that workload's netns."""
+
+    def __init__(self, delivery: Delivery, nursery: trio.Nursery) -> None:
+        self._delivery, self._nursery = delivery, nursery
+        self._pools: dict[tuple, tuple[HbonePool, trio.CancelScope]] = {}
+        self._lock = trio.Lock()
+
+    async def get(self, workload: Workload) -> HbonePool:
+        key = (workload.metadata.namespace, workload.metadata.name, workload.spec.netns)
+        async with self._lock:
+            if key not in self._pools:
+                self._pools[key] = await self._nursery.start(self._run, workload.spec.netns or None)
+        return self._pools[key][0]
+
+    async def _run(self, netns: str | None, *, task_status) -> None:
+        timeout = self._delivery.connect_timeout
+
+        async def connect(host: str, port: int) -> trio.SocketStream:
+            return await self._delivery.connect_in(netns, host, port, timeout=timeout)
+
+        with trio.CancelScope() as scope:
+            async with open_hbone_pool(connect=connect) as pool:
+                task_status.started((pool, scope))
+                await trio.sleep_forever()
+
+    def retain(self, snapshot: Snapshot) -> None:
+        """Close the pools of workloads that are no longer local."""
+        live = {(w.metadata.namespace, w.metadata.name, w.spec.netns) for w in snapshot.local_workloads}
+        for key in [k for k in self._pools if k not in live]:
+            self._pools.pop(key)[1].cancel()
+
+    def stats(self) -> dict:
+        """PoolStats (TLS connections, open streams) per source workload "ns/name"."""
+        return {f"{k[0]}/{k[1]}": p.stats() for k, (p, _) in self._pools.items()}
+
+
+@dataclass
+class Outbound:
+    delivery: Delivery
+    identity: IdentityManager
+    pools: Pools
+    orig_dst: OrigDst
+    node: str
+    passthrough: bool = True
+    hbone_port: int = HBONE_PORT           # where remote nodes' in-pod HBONE listeners are
+    rng: random.Random = field(default_factory=random.Random)
+    stats: Stats = field(default_factory=Stats)
+
+    async def handle(self, workload: Workload, stream: trio.SocketStream) -> None:
+        """15001: one connection a local workload made; its original destination says where to."""
+        snap = self.delivery.holder.current
+        src = snap.workload(workload.metadata.namespace, workload.metadata.name) or workload
+        src_id = snap.identity_of(src)
+        src_ip = src.spec.addresses[0]
+        rec = ConnRecord("source", src_ip, src_workload=src, src_identity=src_id.uri)
+        tel = self.delivery.telemetry
+        tel.opened(rec)
+        try:
+            ip, port = await self.orig_dst(workload, stream)
+            rec.dst_address = f"{ip}:{port}"
+            plan = plan_outbound(snap, src, ip, port, passthrough=self.passthrough)
+            if isinstance(plan, Passthrough):
+                rec.flags = "PT"
+                upstream = await self.delivery.dial_address(src, ip, port, rec)
+                await self._relay(stream, upstream, rec)
+                return
+            rec.dst_service = plan.service
+            await self._to_upstream(snap, src, src_id, src_ip, plan, stream, rec)
+        except (NoRoute, Denied) as e:
+            if isinstance(e, NoRoute):
+                rec.flags, rec.error = e.flags, e.reason
+                log.info("no route for %s -> %s: %s", src_ip, rec.dst_address, e.reason)
+            await abort(stream)
+        except (ProxyError, OSError, trio.TooSlowError) as e:
+            rec.error = rec.error or str(e) or type(e).__name__
+            await abort(stream)
+        finally:
+            tel.closed(rec)
+
+    async def _to_upstream(self, snap: Snapshot, src: Workload, src_id: SpiffeId, src_ip: str,
+                           plan: Upstream, stream: trio.SocketStream, rec: ConnRecord) -> None:
+        upstream, ep = await self._connect(snap, src, src_id, src_ip, plan, rec)
+        rec.dst_workload, rec.dst_identity = ep.workload, ep.identity.uri
+        try:
+            if isinstance(upstream, trio.SocketStream):   # same-node fast path: tracked like inbound
+                await self.delivery.pipe(stream, upstream, ep.workload, ep.port, src_id, src_ip, rec)
+            else:
+                await self._relay(stream, upstream, rec)
+        finally:
+            self.stats.finished(ep)
+
+    async def _connect(self, snap: Snapshot, src: Workload, src_id: SpiffeId, src_ip: str,
+                       plan: Upstream, rec: ConnRecord):
+        """Pick and connect, trying other endpoints until one answers or the timeout passes."""
+        tried: set = set()
+        with trio.move_on_after(self.delivery.connect_timeout):
+            while True:
+                now = trio.current_time()
+                try:
+                    ep = pick(plan.endpoints, algorithm=plan.algorithm, stats=self.stats, rng=self.rng,
+                              locality=src.spec.locality, locality_failover=plan.locality_failover,
+                              exclude=frozenset(tried), now=now, service=plan.name)
+                except NoEndpoint as e:
+                    raise NoRoute(f"{e}; last error: {rec.error or 'none'}", "UF") from None
+                self.stats.started(ep)
+                try:
+                    upstream = await self._open(snap, src, src_id, src_ip, ep, rec)
+                except Denied:
+                    self.stats.finished(ep)
+                    raise
+                except ConnectRefused as e:
+                    self.stats.finished(ep)
+                    if e.status == 403:   # the destination's policy said no: not the endpoint's fault
+                        rec.decision, rec.flags, rec.reason = "deny", "DENY", "denied by the destination"
+                        raise Denied(Deny(policy="", rule=None, reason=f"refused by the destination "
+                                                      f"{ep.workload.metadata.namespace}/{ep.workload.metadata.name}")) from None
+                    self.stats.connect_failed(ep, trio.current_time())
+                    tried.add(ep.key)
+                    rec.error = f"{ep.address}:{ep.port} refused the tunnel ({e.status})"
+                    continue
+                except (OSError, HboneError, ProxyError, IdentityError, trio.TooSlowError) as e:
+                    self.stats.finished(ep)
+                    self.stats.connect_failed(ep, trio.current_time())
+                    tried.add(ep.key)
+                    rec.error = f"{ep.address}:{ep.port}: {e or type(e).__name__}"
+                    log.info("connect to %s (%s) failed, trying another endpoint: %s", ep.address,
+                             plan.name, rec.error)
+                    continue
+                self.stats.connect_latency(ep, trio.current_time() - now, trio.current_time())
+                return upstream, ep
+        raise NoRoute(f"no endpoint of {plan.name} answered within {self.delivery.connect_timeout}s; "
+                      f"last error: {rec.error or 'none'}", "UF")
+
+    async def _open(self, snap, src, src_id, src_ip, ep: Endpoint, rec: ConnRecord):
+        if ep.node == self.node:
+            rec.protocol, rec.security = "tcp", "none"
+            self.delivery.decide(snap, ep.workload, ep.port, src_id, src_ip, rec)
+            return await self.delivery.dial(ep.workload, ep.port, rec)
+        rec.protocol, rec.security = "hbone", "mutual_tls"
+        await self.identity.certified(src_id.uri)
+        pool = await self.pools.get(src)
+        return await pool.open(f"{ep.address}:{ep.port}", node_address=(ep.address, self.hbone_port),
+                               source_identity=src_id.uri, expected_peer=frozenset({ep.identity.uri}),
+                               ssl_context=self.identity.client_context(src_id.uri), forwarded_for=src_ip)
+
+    async def _relay(self, client, upstream, rec: ConnRecord) -> None:
+        counters = RelayCounters()
+        try:
+            await relay(client, upstream, counters=counters)
+        except RelayError as e:
+            rec.error = f"{e.reason} ({e.direction})"
+        finally:
+            rec.request_bytes, rec.response_bytes = counters.a_to_b, counters.b_to_a
