@@ -56,6 +56,10 @@ class ControlPlane:
             ctx.load_cert_chain(*self._credentials)
         return httpx.AsyncClient(base_url=self.url, verify=ctx, timeout=self._timeout)
 
+    @property
+    def bundle_pem(self) -> bytes:
+        return self._bundle
+
     async def update(self, *, bundle_pem: bytes | None = None,
                      credentials: tuple[Path, Path] | None = None) -> None:
         """Use a new trust bundle and/or node credential for new requests."""
@@ -66,6 +70,16 @@ class ControlPlane:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def trust_domain(self) -> str:
+        """The mesh's trust domain, from the (anonymous) health endpoint: needed to ask for a node identity."""
+        try:
+            r = await self._client.get("/healthz")
+        except httpx.TransportError as e:
+            raise Unreachable(f"controller {self.url}: {e or type(e).__name__}") from None
+        if r.status_code != 200:
+            raise _refused(r)
+        return r.json()["trustDomain"]
 
     async def join(self, token: str, csr_pem: bytes) -> Signed:
         r = await self._call("POST", "/join", json={"token": token, "csr": csr_pem.decode()})

@@ -50,7 +50,8 @@ class Api:
         try:
             if req.path == "/healthz":
                 verb = "health"
-                return Response.json(200, {"status": "ok", "resourceVersion": str(self.store.revision)})
+                return Response.json(200, {"status": "ok", "resourceVersion": str(self.store.revision),
+                                           "trustDomain": self.trust_domain})
             caller = auth.caller_from_cert(req.peer_cert, self.trust_domain)
             fixed = req.path.startswith(PREFIX + "/") and self.routes.get((req.method, req.path[len(PREFIX) + 1:]))
             if fixed:

@@ -1,0 +1,215 @@
+"""app.py: the agent's composition root — the one place that wires its parts.
+
+Joins (or reuses its node certificate), follows the controller (sync.py), keeps certificates
+for every local workload (identity/), opens their in-pod listeners (proxy/listeners.py) and
+serves their traffic (proxy/), re-authorizes live connections on every update, and serves
+admin (15000, 127.0.0.1), metrics (15020) and readiness (15021). Ready only when the snapshot,
+the certificates and the listeners are all in place. Stops cleanly on SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import signal
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from agent import bootstrap
+from agent.controlplane import ControlPlane, ControlPlaneError
+from agent.identity import IdentityError, IdentityManager, SignResult
+from agent.identity.store import StateDir
+from agent.observe.accesslog import AccessLog
+from agent.observe.admin import admin_routes, metrics_routes, ready_routes
+from agent.observe.httpd import serve_http
+from agent.observe.metrics import AgentMetrics
+from agent.observe.telemetry import Telemetry
+from agent.proxy.connections import Registry
+from agent.proxy.inbound import Delivery, Inbound
+from agent.proxy.listeners import Handlers, Listeners
+from agent.proxy.outbound import Outbound, Pools
+from agent.redirect.netns import connect_in
+from agent.redirect.origdst import original_destination
+from agent.state import Snapshot, StateHolder
+from agent.sync import SyncStatus, run_sync
+from controller.api import to_dict
+
+log = logging.getLogger("nodemesh.agent")
+
+BUNDLE_REFRESH = 30.0
+
+
+@dataclass
+class AgentConfig:
+    node: str
+    controller: str
+    ca_file: Path | None
+    token_file: Path | None
+    state_dir: Path = Path("/var/lib/nodemesh/agent")
+    admin: tuple[str, int] = ("127.0.0.1", 15000)
+    metrics: tuple[str, int] = ("0.0.0.0", 15020)
+    ready: tuple[str, int] = ("0.0.0.0", 15021)
+    passthrough: bool = True
+    connect_timeout: float = 5.0
+    access_log: str | None = None        # None: stdout; a path; or "off"
+    seed: int | None = None
+
+
+@dataclass
+class Workloads:
+    """Which local identities are certified; readiness reads it."""
+
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    rng = random.Random(cfg.seed)
+    identities = StateDir(cfg.state_dir / "identities")
+    bundle = _initial_bundle(cfg, identities)
+    cp = ControlPlane(cfg.controller, bundle_pem=bundle)
+    now = dt.datetime.now(dt.timezone.utc)
+    node_uri, creds, bundle = await bootstrap.join(cp, identities, node=cfg.node, token_file=cfg.token_file, now=now)
+    await cp.update(bundle_pem=bundle, credentials=creds)
+
+    async def signer(uri: str, csr: bytes) -> SignResult:
+        signed = await cp.sign(csr)
+        return SignResult(signed.chain_pem, signed.bundle_pem)
+
+    identity = IdentityManager(signer, rng=rng, state_dir=cfg.state_dir / "identities")
+    holder = StateHolder(Snapshot.empty(node=cfg.node))
+    status = SyncStatus()
+    certs = Workloads()
+    registry = Registry()
+    access = None if cfg.access_log == "off" else AccessLog(cfg.access_log)
+    metrics = AgentMetrics(cert_expiry=identity.expiries, config_version=lambda: status.version,
+                           config_rejected=lambda: status.rejected_total)
+    telemetry = Telemetry(metrics, access)
+    delivery = Delivery(holder, registry, telemetry, connect_in, cfg.connect_timeout)
+    inbound = Inbound(delivery, identity, original_destination)
+
+    async def report(s: SyncStatus) -> None:
+        await cp.report(version=s.version, ready=ready()[0], error=s.error)
+
+    async with trio.open_nursery() as nursery:
+        pools = Pools(delivery, nursery)
+        outbound = Outbound(delivery, identity, pools, original_destination, cfg.node,
+                            passthrough=cfg.passthrough, rng=rng)
+        listeners = Listeners(Handlers(outbound.handle, inbound.plaintext, inbound.hbone))
+
+        def ready() -> tuple[bool, str]:
+            if not status.synced:
+                return False, "no configuration yet (waiting for the controller)"
+            if certs.errors:
+                return False, "no certificate for " + ", ".join(f"{u} ({e})" for u, e in certs.errors.items())
+            if not listeners.ready(holder.current):
+                failed = {k: v.error for k, v in listeners.status().items() if v.error}
+                return False, f"listeners not open: {failed or 'opening'}"
+            return True, f"serving version {status.version}"
+
+        await nursery.start(identity.run)
+        await nursery.start(registry.run, holder)
+        await nursery.start(listeners.run)
+        await nursery.start(partial(run_sync, cp, holder, node=cfg.node, path=cfg.state_dir / "snapshot.json",
+                                    status=status, report=report))
+        nursery.start_soon(_follow_snapshots, holder, listeners, pools, identity, certs)
+        nursery.start_soon(_refresh_bundle, cp, identity, node_uri, creds)
+        for (host, port), routes in (
+                (cfg.admin, admin_routes(config_dump=lambda: _config_dump(holder, status),
+                                         certs=lambda: _certs(identity), workloads=lambda: _workloads(holder, listeners))),
+                (cfg.metrics, metrics_routes(metrics)),
+                (cfg.ready, ready_routes(ready))):
+            await nursery.start(partial(serve_http, routes, host, port))
+        log.info("agent for node %s up: controller %s, admin %s:%d, metrics :%d, ready :%d",
+                 cfg.node, cfg.controller, *cfg.admin, cfg.metrics[1], cfg.ready[1])
+        task_status.started()
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+    await cp.aclose()
+
+
+def _initial_bundle(cfg: AgentConfig, identities: StateDir) -> bytes:
+    if cfg.ca_file is not None:
+        try:
+            return cfg.ca_file.read_bytes()
+        except OSError as e:
+            raise bootstrap.JoinError(f"cannot read --ca {cfg.ca_file}: {e}") from None
+    saved = identities.load_bundle()
+    if saved is None:
+        raise bootstrap.JoinError(f"no trust bundle: pass --ca FILE (the controller's ca/bundle.crt) "
+                                  f"for the first start; later starts use {identities.path}")
+    return saved
+
+
+async def _follow_snapshots(holder: StateHolder, listeners: Listeners, pools: Pools,
+                            identity: IdentityManager, certs: Workloads) -> None:
+    """On every snapshot: certificates for local workloads, listeners, pools; drop what left."""
+    version, held = -1, set()
+    while True:
+        snap = await holder.wait_newer(version)
+        version = snap.version
+        wanted = {snap.identity_of(w).uri for w in snap.local_workloads}
+        for uri in sorted(wanted):
+            try:
+                await identity.certified(uri)
+                certs.errors.pop(uri, None)
+            except IdentityError as e:
+                certs.errors[uri] = str(e)
+                log.warning("no certificate for %s yet: %s", uri, e)
+        for uri in held - wanted:
+            identity.forget(uri)
+            certs.errors.pop(uri, None)
+        held = wanted
+        await listeners.reconcile(snap)
+        pools.retain(snap)
+
+
+async def _refresh_bundle(cp: ControlPlane, identity: IdentityManager, node_uri: str, creds) -> None:
+    """Pick up root rotations and the renewed node certificate."""
+    last_expiry = identity.expiries().get(node_uri)
+    await identity.certified(node_uri)  # manage (renew) the node identity like any other
+    while True:
+        await trio.sleep(BUNDLE_REFRESH)
+        try:
+            bundle = await cp.trust_bundle()
+            if bundle != identity.bundle_pem:
+                identity.update_bundle(bundle)
+            expiry = identity.expiries().get(node_uri)
+            if bundle != cp.bundle_pem or expiry != last_expiry:
+                await cp.update(bundle_pem=bundle, credentials=creds)
+                last_expiry = expiry
+        except (ControlPlaneError, IdentityError) as e:
+            log.warning("could not refresh the trust bundle: %s", e)
+
+
+def _config_dump(holder: StateHolder, status: SyncStatus) -> dict:
+    snap = holder.current
+    return {"version": snap.version, "node": snap.node, "error": status.error, "connected": status.connected,
+            "mesh": to_dict(snap.mesh),
+            "workloads": [to_dict(w) for w in snap.workloads], "services": [to_dict(s) for s in snap.services],
+            "policies": [to_dict(p) for p in snap.policies]}
+
+
+def _certs(identity: IdentityManager) -> list[dict]:
+    return [{"identity": uri, "expires": dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            for uri, t in sorted(identity.expiries().items())]
+
+
+def _workloads(holder: StateHolder, listeners: Listeners) -> list[dict]:
+    status = listeners.status()
+    out = []
+    for w in holder.current.local_workloads:
+        key = f"{w.metadata.namespace}/{w.metadata.name}"
+        st = status.get(key)
+        out.append({"workload": key, "identity": holder.current.identity_of(w).uri, "netns": w.spec.netns,
+                    "listeners": list(st.ports) if st else [], "error": st.error if st else ""})
+    return out
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for sig in signals:
+            log.info("received %s, shutting down", signal.Signals(sig).name)
+            scope.cancel()
+            return

@@ -1,0 +1,54 @@
+"""cli.py: ``nodemesh agent run`` — a thin click shell over agent/app.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import trio
+
+from agent import app, bootstrap
+from agent.controlplane import ControlPlaneError
+
+
+def _addr(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    try:
+        return (host.strip("[]") or "0.0.0.0"), int(port)
+    except ValueError:
+        raise click.BadParameter(f"expected HOST:PORT, got {value!r}") from None
+
+
+@click.group()
+def agent() -> None:
+    """The node agent: one per host."""
+
+
+@agent.command()
+@click.option("--node", required=True, envvar="NODEMESH_NODE", help="This node's name (env NODEMESH_NODE).")
+@click.option("--controller", required=True, envvar="NODEMESH_CONTROLLER", metavar="URL",
+              help="Controller API, e.g. https://10.0.0.1:15012 (env NODEMESH_CONTROLLER).")
+@click.option("--token", "token_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding a one-time join token (nodemesh token create); needed on first start only.")
+@click.option("--ca", "ca_file", type=click.Path(dir_okay=False, path_type=Path), envvar="NODEMESH_CA",
+              help="Trust bundle to verify the controller (its ca/bundle.crt); needed on first start only.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/var/lib/nodemesh/agent"), show_default=True,
+              help="Node and workload certificates, the last good snapshot.")
+@click.option("--admin", default="127.0.0.1:15000", show_default=True, help="Admin endpoint (/config_dump, /certs, /workloads, /logging).")
+@click.option("--metrics", default="0.0.0.0:15020", show_default=True, help="Prometheus /metrics.")
+@click.option("--ready", default="0.0.0.0:15021", show_default=True, help="/healthz/ready.")
+@click.option("--passthrough/--no-passthrough", default=True, show_default=True,
+              help="Let connections to destinations outside the mesh through unchanged.")
+@click.option("--connect-timeout", default=5.0, show_default=True, help="Seconds to reach an endpoint, retries included.")
+@click.option("--access-log", default=None, metavar="PATH|off", help="JSON access log destination [default: stdout].")
+def run(node, controller, token_file, ca_file, state_dir, admin, metrics, ready, passthrough, connect_timeout, access_log):
+    """Join the mesh and serve this node's workloads until SIGTERM."""
+    cfg = app.AgentConfig(node=node, controller=controller, ca_file=ca_file, token_file=token_file,
+                          state_dir=state_dir, admin=_addr(admin), metrics=_addr(metrics), ready=_addr(ready),
+                          passthrough=passthrough, connect_timeout=connect_timeout, access_log=access_log)
+    try:
+        trio.run(app.run, cfg)
+    except bootstrap.JoinError as e:
+        raise click.ClickException(str(e)) from None
+    except ControlPlaneError as e:
+        raise click.ClickException(f"cannot start: {e}") from None

@@ -1,0 +1,81 @@
+"""telemetry.py: the proxy's ``telemetry`` object — turns a finished connection record into
+metrics (metrics.py) and one access-log line (accesslog.py).
+
+The proxy calls ``opened(rec)`` at accept and ``closed(rec)`` in its ``finally`` (see
+agent/proxy/inbound.py). At accept the destination is not known yet, so everything is reported
+at close, with the labels the connection ended with: opened and closed always carry the same
+label set, and a connection still open is not yet in ``..._opened_total``. ``rec`` is read by
+attribute only (agent/proxy/plan.py ``ConnRecord``), so this module imports nothing of the
+proxy. Never raises: a failure is logged and that connection's report is dropped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from agent.observe.accesslog import AccessLog, connection_record
+from agent.observe.metrics import UNKNOWN, AgentMetrics, ConnectionLabels
+
+log = logging.getLogger("nodemesh.agent.telemetry")
+
+
+class Telemetry:
+    def __init__(self, metrics: AgentMetrics, access_log: AccessLog | None = None) -> None:
+        self.metrics, self.access_log = metrics, access_log
+
+    def opened(self, rec: Any) -> None:
+        """Nothing yet: the labels are known only at close (see the module docstring)."""
+
+    def closed(self, rec: Any) -> None:
+        """Count the connection, its bytes and a denial, and write its access-log line."""
+        try:
+            labels = labels_of(rec)
+            m = self.metrics
+            m.connection_opened(labels)
+            m.connection_closed(labels, sent=rec.response_bytes, received=rec.request_bytes)
+            if rec.decision == "deny":
+                m.policy_denied(policy=rec.policy, rule=rec.rule, reporter=rec.reporter,
+                                destination_workload=labels.destination_workload,
+                                destination_workload_namespace=labels.destination_workload_namespace)
+            if self.access_log is not None:
+                self.access_log.write(record_of(rec))
+        except Exception:  # telemetry must never break the data path
+            log.exception("reporting a connection failed; dropping its metrics and log line")
+
+
+def labels_of(rec: Any) -> ConnectionLabels:
+    """The metric labels of a connection record."""
+    src, dst = rec.src_workload, rec.dst_workload
+    return ConnectionLabels(
+        reporter=rec.reporter,
+        source_workload=src.metadata.name if src is not None else UNKNOWN,
+        source_workload_namespace=src.metadata.namespace if src is not None else UNKNOWN,
+        source_principal=rec.src_identity or UNKNOWN,
+        destination_workload=dst.metadata.name if dst is not None else UNKNOWN,
+        destination_workload_namespace=dst.metadata.namespace if dst is not None else UNKNOWN,
+        destination_principal=rec.dst_identity or UNKNOWN,
+        destination_service=rec.dst_service or UNKNOWN,
+        connection_security_policy=rec.security,
+        response_flags=rec.flags or "-",
+    )
+
+
+def record_of(rec: Any, *, now: float | None = None) -> dict:
+    """The access-log record of a connection record; ``now`` is ``time.monotonic()`` at close."""
+    src, dst = rec.src_workload, rec.dst_workload
+    now = time.monotonic() if now is None else now
+    return connection_record(
+        start_time=rec.start_wall, duration=now - rec.start, reporter=rec.reporter,
+        src_address=rec.src_address,
+        src_workload=src.metadata.name if src is not None else None,
+        src_namespace=src.metadata.namespace if src is not None else None,
+        src_identity=rec.src_identity,
+        dst_address=rec.dst_address, dst_service=rec.dst_service,
+        dst_workload=dst.metadata.name if dst is not None else None,
+        dst_namespace=dst.metadata.namespace if dst is not None else None,
+        dst_identity=rec.dst_identity,
+        protocol=rec.protocol, bytes_sent=rec.response_bytes, bytes_received=rec.request_bytes,
+        security=rec.security, decision=rec.decision, policy=rec.policy, rule=rec.rule,
+        reason=rec.reason, response_flags=rec.flags or "-", error=rec.error,
+    )

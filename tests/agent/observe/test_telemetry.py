@@ -1,0 +1,86 @@
+"""Telemetry: the proxy's ConnRecord becomes metrics and one access-log line at close."""
+from __future__ import annotations
+
+import io
+import json
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.observe.accesslog import AccessLog
+from agent.observe.metrics import AgentMetrics
+from agent.observe.telemetry import Telemetry
+from agent.proxy.plan import ConnRecord
+from controller.api import parse_manifests
+
+
+def workload(name: str, ns: str, sa: str, ip: str):
+    (w,) = parse_manifests(json.dumps({
+        "apiVersion": "nodemesh.io/v1alpha1", "kind": "Workload", "metadata": {"name": name, "namespace": ns},
+        "spec": {"node": "node-1", "serviceAccount": sa, "addresses": [ip], "netns": f"/run/netns/{name}"}}))
+    return w
+
+
+WEB = workload("web-1", "shop", "web", "10.10.1.2")
+DB = workload("db-1", "shop", "db", "10.10.1.5")
+
+
+def series(m: AgentMetrics, name: str) -> list[tuple[dict, float]]:
+    return [(s.labels, s.value) for f in text_string_to_metric_families(m.render().decode())
+            for s in f.samples if s.name == name]
+
+
+def test_an_allowed_connection_is_counted_and_logged_at_close():
+    m, out = AgentMetrics(), io.StringIO()
+    tel = Telemetry(m, AccessLog(out))
+    rec = ConnRecord("source", "10.10.1.2", src_workload=WEB, src_identity="spiffe://cluster.local/ns/shop/sa/web")
+    tel.opened(rec)
+    assert series(m, "nodemesh_tcp_connections_opened_total") == [] and out.getvalue() == ""
+    rec.dst_address, rec.dst_service = "10.96.0.5:5432", "db.shop.svc"
+    rec.dst_workload, rec.dst_identity = DB, "spiffe://cluster.local/ns/shop/sa/db"
+    rec.protocol, rec.security = "hbone", "mutual_tls"
+    rec.request_bytes, rec.response_bytes = 300, 4000
+    tel.closed(rec)
+    (labels, n), = series(m, "nodemesh_tcp_connections_opened_total")
+    assert n == 1 and labels == {
+        "reporter": "source", "source_workload": "web-1", "source_workload_namespace": "shop",
+        "source_principal": "spiffe://cluster.local/ns/shop/sa/web", "destination_workload": "db-1",
+        "destination_workload_namespace": "shop", "destination_principal": "spiffe://cluster.local/ns/shop/sa/db",
+        "destination_service": "db.shop.svc", "connection_security_policy": "mutual_tls", "response_flags": "-"}
+    assert series(m, "nodemesh_tcp_connections_closed_total") == [(labels, 1)]
+    assert series(m, "nodemesh_tcp_sent_bytes_total") == [(labels, 4000)]
+    assert series(m, "nodemesh_tcp_received_bytes_total") == [(labels, 300)]
+    assert series(m, "nodemesh_policy_denials_total") == []
+    line = json.loads(out.getvalue())
+    assert line["dst"] == {"address": "10.96.0.5:5432", "service": "db.shop.svc", "workload": "db-1",
+                           "namespace": "shop", "identity": "spiffe://cluster.local/ns/shop/sa/db"}
+    assert (line["bytes_sent"], line["bytes_received"]) == (4000, 300)
+    assert line["decision"]["result"] == "allow"
+
+
+def test_a_denied_connection_counts_a_denial_with_policy_and_rule():
+    m, out = AgentMetrics(), io.StringIO()
+    tel = Telemetry(m, AccessLog(out))
+    rec = ConnRecord("destination", "10.10.2.7", dst_workload=DB, protocol="hbone", security="mutual_tls",
+                     src_identity="spiffe://cluster.local/ns/apps/sa/api")
+    rec.decision, rec.policy, rec.rule, rec.reason, rec.flags = "deny", "shop/deny-db", 1, "matched", "DENY"
+    tel.opened(rec)
+    tel.closed(rec)
+    assert series(m, "nodemesh_policy_denials_total") == [(
+        {"policy": "shop/deny-db", "rule": "1", "reporter": "destination",
+         "destination_workload": "db-1", "destination_workload_namespace": "shop"}, 1)]
+    (labels, _), = series(m, "nodemesh_tcp_connections_closed_total")
+    assert labels["response_flags"] == "DENY" and labels["source_workload"] == "unknown"
+    line = json.loads(out.getvalue())
+    assert line["decision"] == {"result": "deny", "policy": "shop/deny-db", "rule": 1, "reason": "matched"}
+    assert line["src"]["workload"] is None and line["response_flags"] == "DENY"
+
+
+def test_a_failure_inside_telemetry_never_reaches_the_data_path():
+    class Exploding(AgentMetrics):
+        def connection_opened(self, labels):
+            raise RuntimeError("boom")
+    tel = Telemetry(Exploding())
+    rec = ConnRecord("source", "10.10.1.2")
+    tel.opened(rec)
+    tel.closed(rec)        # must not raise
+    tel.closed(object())   # not even for a record missing every field
