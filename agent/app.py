@@ -90,9 +90,6 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
     delivery = Delivery(holder, registry, telemetry, connect_in, cfg.connect_timeout)
     inbound = Inbound(delivery, identity, original_destination)
 
-    async def report(s: SyncStatus) -> None:
-        await cp.report(version=s.version, ready=ready()[0], error=s.error)
-
     async with trio.open_nursery() as nursery:
         pools = Pools(delivery, nursery)
         outbound = Outbound(delivery, identity, pools, original_destination, cfg.node,
@@ -113,9 +110,10 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         await nursery.start(registry.run, holder)
         await nursery.start(listeners.run)
         await nursery.start(partial(run_sync, cp, holder, node=cfg.node, path=cfg.state_dir / "snapshot.json",
-                                    status=status, report=report))
+                                    status=status))
         nursery.start_soon(_follow_snapshots, holder, listeners, pools, identity, certs)
         nursery.start_soon(_refresh_bundle, cp, identity, node_uri, creds)
+        nursery.start_soon(_report, cp, status, ready)
         for (host, port), routes in (
                 (cfg.admin, admin_routes(config_dump=lambda: _config_dump(holder, status),
                                          certs=lambda: _certs(identity), workloads=lambda: _workloads(holder, listeners))),
@@ -127,6 +125,20 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         task_status.started()
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
     await cp.aclose()
+
+
+async def _report(cp: ControlPlane, status: SyncStatus, ready) -> None:
+    """Tell the controller what this node serves whenever that changes (and every 30 s)."""
+    sent, last = None, 0.0
+    while True:
+        now = (status.version, ready()[0], status.error)
+        if now != sent or trio.current_time() - last > 30:
+            try:
+                await cp.report(version=now[0], ready=now[1], error=now[2])
+                sent, last = now, trio.current_time()
+            except ControlPlaneError as e:
+                log.debug("could not report to the controller: %s", e)
+        await trio.sleep(0.5)
 
 
 def _initial_bundle(cfg: AgentConfig, identities: StateDir) -> bytes:

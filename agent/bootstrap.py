@@ -20,6 +20,9 @@ from controller.api.spiffe import node_uri
 log = logging.getLogger("nodemesh.agent.bootstrap")
 
 
+TRUST_DOMAIN_FILE = "trust-domain"
+
+
 class JoinError(Exception):
     """The agent cannot get a node identity; the message says what to do."""
 
@@ -38,10 +41,18 @@ def saved_node_identity(state: StateDir, uri: str, now: dt.datetime) -> tuple[Pa
     return state.files(uri)
 
 
+async def trust_domain(cp: ControlPlane, state: StateDir) -> str:
+    """The mesh's trust domain: remembered from the join, so a restart needs no controller."""
+    try:
+        return (state.path / TRUST_DOMAIN_FILE).read_text().strip()
+    except FileNotFoundError:
+        return await cp.trust_domain()
+
+
 async def join(cp: ControlPlane, state: StateDir, *, node: str, token_file: Path | None,
                now: dt.datetime) -> tuple[str, tuple[Path, Path], bytes]:
     """Return (node URI, (chain file, key file), trust bundle), joining with the token if needed."""
-    td = await cp.trust_domain()
+    td = await trust_domain(cp, state)
     uri = node_uri(td, node)
     files = saved_node_identity(state, uri, now)
     if files is not None:
@@ -62,5 +73,6 @@ async def join(cp: ControlPlane, state: StateDir, *, node: str, token_file: Path
     x509.check_chain(uri, signed.chain_pem, signed.bundle_pem, key, now)
     files = state.save(uri, signed.chain_pem, key)
     state.save_bundle(signed.bundle_pem)
+    (state.path / TRUST_DOMAIN_FILE).write_text(td + "\n")
     log.info("joined as %s", uri)
     return uri, files, signed.bundle_pem

@@ -54,15 +54,17 @@ def metrics_routes(metrics: AgentMetrics) -> dict[str, Handler | Route]:
 
 
 def ready_routes(ready: Callable[[], tuple[bool, str]]) -> dict[str, Handler | Route]:
-    """Routes for the readiness port (15021): ``/healthz/ready`` answers 200 ``ready`` or 503
-    with the reason ``ready()`` gives (or the error it raised)."""
+    """Routes for the readiness port (15021): ``/healthz/ready`` answers 200 ``ready`` (with what
+    ``ready()`` says, e.g. the version served) or 503 with the reason (or the error it raised)."""
 
     def healthz() -> Reply:
         try:
             ok, reason = ready()
         except Exception as e:  # a broken check means not ready, never a 500
             return text_reply(f"readiness check failed: {type(e).__name__}: {e}", 503)
-        return text_reply("ready") if ok else text_reply(reason or "not ready", 503)
+        if ok:
+            return text_reply(f"ready: {reason}" if reason else "ready")
+        return text_reply(reason or "not ready", 503)
 
     return {"/healthz/ready": healthz}
 
