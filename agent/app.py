@@ -9,6 +9,7 @@ the certificates and the listeners are all in place. Stops cleanly on SIGTERM/SI
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import random
 import signal
@@ -32,7 +33,8 @@ from agent.proxy.inbound import Delivery, Inbound
 from agent.proxy.listeners import Handlers, Listeners
 from agent.proxy.outbound import Outbound, Pools
 from agent.redirect.netns import connect_in
-from agent.redirect.origdst import original_destination
+from agent.redirect import select
+from agent.redirect.base import RedirectError, Redirector
 from agent.state import Snapshot, StateHolder
 from agent.sync import SyncStatus, run_sync
 from controller.api import to_dict
@@ -55,6 +57,7 @@ class AgentConfig:
     passthrough: bool = True
     connect_timeout: float = 5.0
     access_log: str | None = None        # None: stdout; a path; or "off"
+    redirect: str = "auto"               # ebpf | iptables | auto | none
     seed: int | None = None
 
 
@@ -83,16 +86,17 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
     status = SyncStatus()
     certs = Workloads()
     registry = Registry()
+    redirector = select.make(cfg.redirect)
     access = None if cfg.access_log == "off" else AccessLog(cfg.access_log)
     metrics = AgentMetrics(cert_expiry=identity.expiries, config_version=lambda: status.version,
                            config_rejected=lambda: status.rejected_total)
     telemetry = Telemetry(metrics, access)
     delivery = Delivery(holder, registry, telemetry, connect_in, cfg.connect_timeout)
-    inbound = Inbound(delivery, identity, original_destination)
+    inbound = Inbound(delivery, identity, redirector.original_destination)
 
     async with trio.open_nursery() as nursery:
         pools = Pools(delivery, nursery)
-        outbound = Outbound(delivery, identity, pools, original_destination, cfg.node,
+        outbound = Outbound(delivery, identity, pools, redirector.original_destination, cfg.node,
                             passthrough=cfg.passthrough, rng=rng)
         listeners = Listeners(Handlers(outbound.handle, inbound.plaintext, inbound.hbone))
 
@@ -111,19 +115,22 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         await nursery.start(listeners.run)
         await nursery.start(partial(run_sync, cp, holder, node=cfg.node, path=cfg.state_dir / "snapshot.json",
                                     status=status))
-        nursery.start_soon(_follow_snapshots, holder, listeners, pools, identity, certs)
+        await redirector.start(list(holder.current.local_workloads))
+        nursery.start_soon(_follow_snapshots, holder, listeners, pools, identity, certs, redirector)
         nursery.start_soon(_refresh_bundle, cp, identity, node_uri, creds)
         nursery.start_soon(_report, cp, status, ready)
         for (host, port), routes in (
-                (cfg.admin, admin_routes(config_dump=lambda: _config_dump(holder, status),
-                                         certs=lambda: _certs(identity), workloads=lambda: _workloads(holder, listeners))),
+                (cfg.admin, {**admin_routes(config_dump=lambda: _config_dump(holder, status),
+                                            certs=lambda: _certs(identity),
+                                            workloads=lambda: _workloads(holder, listeners)),
+                             "/redirect": partial(_redirect_report, redirector, holder)}),
                 (cfg.metrics, metrics_routes(metrics)),
                 (cfg.ready, ready_routes(ready))):
             await nursery.start(partial(serve_http, routes, host, port))
         log.info("agent for node %s up: controller %s, admin %s:%d, metrics :%d, ready :%d",
                  cfg.node, cfg.controller, *cfg.admin, cfg.metrics[1], cfg.ready[1])
         task_status.started()
-        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope, redirector)
     await cp.aclose()
 
 
@@ -155,11 +162,14 @@ def _initial_bundle(cfg: AgentConfig, identities: StateDir) -> bytes:
 
 
 async def _follow_snapshots(holder: StateHolder, listeners: Listeners, pools: Pools,
-                            identity: IdentityManager, certs: Workloads) -> None:
-    """On every snapshot: certificates for local workloads, listeners, pools; drop what left."""
-    version, held = -1, set()
+                            identity: IdentityManager, certs: Workloads, redirector: Redirector) -> None:
+    """On every snapshot: certificates for local workloads, listeners, then the redirect (so no
+    connection is redirected to a port that is not open yet); undo all of it for what left."""
+    version, held, enrolled = -1, set(), {}
     while True:
-        snap = await holder.wait_newer(version)
+        with trio.move_on_after(2.0):   # also retry what failed (certificates, listeners, redirect)
+            await holder.wait_newer(version)
+        snap = holder.current
         version = snap.version
         wanted = {snap.identity_of(w).uri for w in snap.local_workloads}
         for uri in sorted(wanted):
@@ -173,8 +183,31 @@ async def _follow_snapshots(holder: StateHolder, listeners: Listeners, pools: Po
             identity.forget(uri)
             certs.errors.pop(uri, None)
         held = wanted
+        local = {(w.metadata.namespace, w.metadata.name): w for w in snap.local_workloads}
+        for key, w in list(enrolled.items()):   # unenrol before the listeners close
+            if local.get(key) != w:
+                await _redirect_step(redirector.unenrol, w, certs)
+                del enrolled[key]
         await listeners.reconcile(snap)
         pools.retain(snap)
+        ready = listeners.status()
+        for key, w in local.items():
+            st = ready.get(f"{key[0]}/{key[1]}")
+            if key not in enrolled and st is not None and not st.error and (w.spec.netns or w.spec.cgroup):
+                if await _redirect_step(redirector.enrol, w, certs):
+                    enrolled[key] = w
+
+
+async def _redirect_step(step, workload, certs: Workloads) -> bool:
+    name = f"{workload.metadata.namespace}/{workload.metadata.name}"
+    try:
+        await step(workload)
+        certs.errors.pop(f"redirect {name}", None)
+        return True
+    except (RedirectError, OSError) as e:
+        certs.errors[f"redirect {name}"] = str(e)
+        log.error("redirect %s for %s failed: %s", step.__name__, name, e)
+        return False
 
 
 async def _refresh_bundle(cp: ControlPlane, identity: IdentityManager, node_uri: str, creds) -> None:
@@ -219,9 +252,23 @@ def _workloads(holder: StateHolder, listeners: Listeners) -> list[dict]:
     return out
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
+async def _stop_on_signal(scope: trio.CancelScope, redirector: Redirector) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for sig in signals:
-            log.info("received %s, shutting down", signal.Signals(sig).name)
+            log.info("received %s: removing redirects, shutting down", signal.Signals(sig).name)
+            with trio.move_on_after(15):
+                try:
+                    await redirector.stop()
+                except (RedirectError, OSError) as e:
+                    log.error("removing redirects failed: %s", e)
             scope.cancel()
             return
+
+
+async def _redirect_report(redirector: Redirector, holder: StateHolder):
+    """/redirect on the admin port: the mode and each local workload's hooks (for nodemesh check)."""
+    findings = []
+    for w in holder.current.local_workloads:
+        found = await trio.to_thread.run_sync(redirector.check, w)
+        findings += [{"level": f.level, "message": f.message} for f in found]
+    return 200, "application/json", json.dumps({"mode": redirector.mode, "findings": findings}).encode()

@@ -8,6 +8,7 @@ import trio
 
 from agent import app, bootstrap
 from agent.controlplane import ControlPlaneError
+from agent.redirect.base import RedirectError
 
 
 def _addr(value: str) -> tuple[str, int]:
@@ -40,15 +41,19 @@ def agent() -> None:
 @click.option("--passthrough/--no-passthrough", default=True, show_default=True,
               help="Let connections to destinations outside the mesh through unchanged.")
 @click.option("--connect-timeout", default=5.0, show_default=True, help="Seconds to reach an endpoint, retries included.")
+@click.option("--redirect", type=click.Choice(["ebpf", "iptables", "auto", "none"]), default="auto", show_default=True,
+              help="How workloads' traffic reaches the proxy: eBPF cgroup hooks, iptables rules in each pod "
+                   "netns, the best the kernel allows, or none (something else redirects).")
 @click.option("--access-log", default=None, metavar="PATH|off", help="JSON access log destination [default: stdout].")
-def run(node, controller, token_file, ca_file, state_dir, admin, metrics, ready, passthrough, connect_timeout, access_log):
+def run(node, controller, token_file, ca_file, state_dir, admin, metrics, ready, passthrough, connect_timeout, redirect, access_log):
     """Join the mesh and serve this node's workloads until SIGTERM."""
     cfg = app.AgentConfig(node=node, controller=controller, ca_file=ca_file, token_file=token_file,
                           state_dir=state_dir, admin=_addr(admin), metrics=_addr(metrics), ready=_addr(ready),
-                          passthrough=passthrough, connect_timeout=connect_timeout, access_log=access_log)
+                          passthrough=passthrough, connect_timeout=connect_timeout, access_log=access_log,
+                          redirect=redirect)
     try:
         trio.run(app.run, cfg)
     except bootstrap.JoinError as e:
         raise click.ClickException(str(e)) from None
-    except ControlPlaneError as e:
+    except (ControlPlaneError, RedirectError) as e:
         raise click.ClickException(f"cannot start: {e}") from None

@@ -48,6 +48,11 @@ apiVersion: nodemesh.io/v1alpha1
 kind: Workload
 metadata: {{name: frontend-1, namespace: shop, labels: {{app: frontend}}}}
 spec: {{node: node-2, serviceAccount: frontend, addresses: [10.250.1.2], cgroup: /sys/fs/cgroup/frontend}}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec: {{addresses: [10.96.0.10], selector: {{app: web}}, ports: [{{port: 80, targetPort: {APP_PORT}}}]}}
 """ + extra
 
 
@@ -69,6 +74,12 @@ def pod_netns():
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         subprocess.run(["ip", "-n", name, "addr", "add", f"{POD_IP}/32", "dev", "lo"], check=True)
+        # A route for the service range, as a pod's default route would give (the redirect
+        # happens after routing in the iptables mode).
+        subprocess.run(["ip", "-n", name, "link", "add", "v0", "type", "veth", "peer", "name", "v1"], check=True)
+        for dev in ("v0", "v1"):
+            subprocess.run(["ip", "-n", name, "link", "set", dev, "up"], check=True)
+        subprocess.run(["ip", "-n", name, "route", "add", "10.96.0.0/16", "dev", "v0"], check=True)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
@@ -86,7 +97,7 @@ class Agent:
                 "--controller", f"https://127.0.0.1:{self.ctl.port}", "--state-dir", str(self.tmp / "agent"),
                 "--admin", f"127.0.0.1:{self.admin}", "--metrics", f"127.0.0.1:{self.metrics}",
                 "--ready", f"127.0.0.1:{self.ready}", "--access-log", str(self.tmp / "access.log"),
-                "--ca", str(self.ctl.data / "ca" / "bundle.crt")]
+                "--ca", str(self.ctl.data / "ca" / "bundle.crt"), "--redirect", "iptables"]
         if token_file:
             args += ["--token", str(token_file)]
         self.proc = subprocess.Popen(args, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
@@ -129,6 +140,16 @@ def setup(tmp_path, pod_netns):
         if p and p.poll() is None:
             p.kill()
             p.wait()
+
+
+def pod_client(netns: str, host: str, port: int, payload: bytes) -> str:
+    """A plain client process inside the pod: connect, send, read the echo."""
+    code = ("import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10); "
+            "s.sendall(sys.argv[3].encode()); s.shutdown(socket.SHUT_WR); print(s.recv(100).decode())")
+    p = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code, host, str(port), payload.decode()],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
 
 
 def client_context(ctl: Controller, tmp) -> ssl.SSLContext:
@@ -198,7 +219,13 @@ async def test_agent_joins_serves_hbone_enforces_policy_and_restarts_from_disk(s
             with pytest.raises(ConnectRefused) as e:
                 await hbone_round_trip(netns, ctx)
             assert e.value.status == 403
+            # An unmodified client in the pod calls the Service VIP: the iptables redirect sends it
+            # to the pod's 15001, the proxy picks web-1 (same node: fast path) and delivers it.
+            out = await trio.to_thread.run_sync(lambda: pod_client(netns, "10.96.0.10", 80, b"via-vip"))
+            assert out == "via-vip"
         n.cancel_scope.cancel()
+    redirect = agent.get("/redirect").json()
+    assert redirect["mode"] == "iptables" and redirect["findings"][0]["level"] == "ok", redirect
 
     lines = [json.loads(l) for l in (tmp_path / "access.log").read_text().splitlines()]
     assert any(l["decision"]["result"] == "allow" and l["src"]["identity"] == CLIENT_URI for l in lines)
@@ -218,6 +245,9 @@ async def test_agent_joins_serves_hbone_enforces_policy_and_restarts_from_disk(s
             await hbone_round_trip(netns, ctx)   # still enforcing the policy it had
         n.cancel_scope.cancel()
     assert agent.stop() == 0
-    # Its listeners are gone with it.
+    # Its listeners and its rules are gone with it.
+    rules = subprocess.run(["ip", "netns", "exec", netns, "iptables-save", "-t", "nat"], capture_output=True,
+                           text=True, check=True).stdout
+    assert "NODEMESH" not in rules
     with pytest.raises(OSError):
         await connect_in(f"/var/run/netns/{netns}", POD_IP, 15008, timeout=2)
