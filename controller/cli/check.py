@@ -6,12 +6,13 @@ Prints one line per check (ok / WARN / FAIL) and exits 1 on any FAIL (or any WAR
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 
 import click
 
 from controller import api, client
 from controller.cli.identity import parse_iso, until
-from controller.cli.resources import connection_options, open_client
+from controller.cli.resources import connection_options
 
 
 def expiry_findings(status: dict, *, now: dt.datetime, window: dt.timedelta,
@@ -39,22 +40,38 @@ def expiry_findings(status: dict, *, now: dt.datetime, window: dt.timedelta,
 @click.option("--ca-expiry-window", default="720h", show_default=True,
               help="Warn when the CA, the controller's or the admin certificate expires within this long.")
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")
+@click.option("--node/--no-node", "on_node", default=None,
+              help="Also check this machine as a node: kernel features, the local agent, each workload's "
+                   "redirect hooks [default: when an agent answers on --agent-admin].")
+@click.option("--agent-admin", default="http://127.0.0.1:15000", show_default=True, help="The local agent's admin URL.")
+@click.option("--agent-ready", default="http://127.0.0.1:15021/healthz/ready", show_default=True,
+              help="The local agent's readiness URL.")
+@click.option("--no-controller", is_flag=True, help="Skip the controller checks (on a node without admin credentials).")
 @connection_options
-def check(expiry_window, ca_expiry_window, strict, controller, ca, cert, key, config):
-    """Check the controller and certificate expiry; exit 1 on failure."""
+def check(expiry_window, ca_expiry_window, strict, on_node, agent_admin, agent_ready, no_controller,
+          controller, ca, cert, key, config):
+    """Check the controller, certificate expiry and (on a node) the kernel, the agent and its
+    redirect hooks — the doctor. Exit 1 on failure."""
     try:
         window, ca_window = (dt.timedelta(seconds=api.parse_duration(v)) for v in (expiry_window, ca_expiry_window))
     except api.InvalidDuration as e:
         raise click.BadParameter(str(e)) from None
     findings: list[tuple[str, str]] = []
-    c = open_client(controller, ca, cert, key, config)
-    with c:
+    if not no_controller:
         try:
-            s = c.status()
+            c = client.Client(client.resolve_settings(controller, ca, cert, key, config))
+            with c:
+                s = c.status()
             findings.append(("ok", f"controller {c.settings.controller} answers (resourceVersion {s['resourceVersion']})"))
             findings += expiry_findings(s, now=dt.datetime.now(dt.timezone.utc), window=window, ca_window=ca_window)
         except client.ClientError as e:
             findings.append(("FAIL", str(e)))
+    if on_node is not False:
+        # The node half lives with the agent; loaded by name, as the root group loads verbs.
+        doctor = importlib.import_module("agent.doctor")
+        agent = doctor.agent_findings(agent_admin, agent_ready)
+        if on_node or not (len(agent) == 1 and agent[0][0] == "FAIL"):
+            findings += doctor.kernel_findings() + agent
     for level, message in findings:
         click.echo(f"{level:<4}  {message}")
     levels = {lvl for lvl, _ in findings}

@@ -226,6 +226,11 @@ async def test_agent_joins_serves_hbone_enforces_policy_and_restarts_from_disk(s
         n.cancel_scope.cancel()
     redirect = agent.get("/redirect").json()
     assert redirect["mode"] == "iptables" and redirect["findings"][0]["level"] == "ok", redirect
+    doctor = nodemesh("check", "--node", "--agent-admin", f"http://127.0.0.1:{agent.admin}",
+                      "--agent-ready", f"http://127.0.0.1:{agent.ready}/healthz/ready", env=ctl.env).stdout
+    assert "redirect mode in force: iptables" in doctor
+    assert f"shop/web-1: iptables redirect in place in /var/run/netns/{netns}" in doctor
+    assert "shop/web-1: listeners [15001, 15006, 15008]" in doctor and "FAIL" not in doctor
 
     lines = [json.loads(l) for l in (tmp_path / "access.log").read_text().splitlines()]
     assert any(l["decision"]["result"] == "allow" and l["src"]["identity"] == CLIENT_URI for l in lines)
