@@ -1,10 +1,10 @@
 """telemetry.py: the proxy's ``telemetry`` object — turns a finished connection record into
 metrics (metrics.py) and one access-log line (accesslog.py).
 
-The proxy calls ``opened(rec)`` at accept and ``closed(rec)`` in its ``finally`` (see
-agent/proxy/inbound.py). At accept the destination is not known yet, so everything is reported
-at close, with the labels the connection ended with: opened and closed always carry the same
-label set, and a connection still open is not yet in ``..._opened_total``. ``rec`` is read by
+The proxy calls ``opened(rec)`` once a connection is set up (destination decided and reached)
+and ``closed(rec)`` in its ``finally`` (see agent/proxy/inbound.py), each counted with the
+labels known at that moment, as Istio does. A connection refused before it was set up (denied,
+no route) is counted as opened and closed at close. ``rec`` is read by
 attribute only (agent/proxy/plan.py ``ConnRecord``), so this module imports nothing of the
 proxy. Never raises: a failure is logged and that connection's report is dropped.
 """
@@ -25,14 +25,23 @@ class Telemetry:
         self.metrics, self.access_log = metrics, access_log
 
     def opened(self, rec: Any) -> None:
-        """Nothing yet: the labels are known only at close (see the module docstring)."""
+        """Count a connection the proxy has set up (its destination is known by then)."""
+        try:
+            self.metrics.connection_opened(labels_of(rec))
+            rec.opened = True
+        except Exception:  # telemetry must never break the data path
+            log.exception("counting an opened connection failed")
 
     def closed(self, rec: Any) -> None:
-        """Count the connection, its bytes and a denial, and write its access-log line."""
+        """Count the connection's close, its bytes and a denial, and write its access-log line.
+
+        A connection refused before it was set up (denied, no route) counts as opened here.
+        """
         try:
             labels = labels_of(rec)
             m = self.metrics
-            m.connection_opened(labels)
+            if not getattr(rec, "opened", False):
+                m.connection_opened(labels)
             m.connection_closed(labels, sent=rec.response_bytes, received=rec.request_bytes)
             if rec.decision == "deny":
                 m.policy_denied(policy=rec.policy, rule=rec.rule, reporter=rec.reporter,

@@ -134,7 +134,6 @@ class Inbound:
                          src_identity=req.peer_identity, dst_workload=workload,
                          src_workload=snap.workload_at(source_ip))
         tel = self.delivery.telemetry
-        tel.opened(rec)
         upstream = None
         try:
             ip, port = req.destination
@@ -160,6 +159,7 @@ class Inbound:
                 await req.reject(503)
                 return
             tunnel = await req.accept()
+            tel.opened(rec)
             await self.delivery.pipe(tunnel, upstream, workload, port, source, source_ip, rec)
         except (HboneError, RelayError, OSError) as e:
             rec.error = rec.error or str(e)
@@ -175,7 +175,6 @@ class Inbound:
         rec = ConnRecord("destination", source_ip, dst_workload=snap.workload(workload.metadata.namespace,
                                                                               workload.metadata.name))
         tel = self.delivery.telemetry
-        tel.opened(rec)
         try:
             if snap.mesh.spec.mtls == "STRICT":
                 rec.decision, rec.flags, rec.reason = "deny", "DENY", "plaintext refused: mesh mtls is STRICT"
@@ -195,6 +194,7 @@ class Inbound:
             except (OSError, trio.TooSlowError, ProxyError):
                 await abort(stream)
                 return
+            tel.opened(rec)
             await self.delivery.pipe(stream, upstream, current, port, None, source_ip, rec)
         except (ProxyError, OSError) as e:
             rec.error = rec.error or str(e)

@@ -86,7 +86,6 @@ class Outbound:
         src_ip = src.spec.addresses[0]
         rec = ConnRecord("source", src_ip, src_workload=src, src_identity=src_id.uri)
         tel = self.delivery.telemetry
-        tel.opened(rec)
         try:
             ip, port = await self.orig_dst(workload, stream)
             rec.dst_address = f"{ip}:{port}"
@@ -94,6 +93,7 @@ class Outbound:
             if isinstance(plan, Passthrough):
                 rec.flags = "PT"
                 upstream = await self.delivery.dial_address(src, ip, port, rec)
+                tel.opened(rec)
                 await self._relay(stream, upstream, rec)
                 return
             rec.dst_service = plan.service
@@ -113,6 +113,7 @@ class Outbound:
                            plan: Upstream, stream: trio.SocketStream, rec: ConnRecord) -> None:
         upstream, ep = await self._connect(snap, src, src_id, src_ip, plan, rec)
         rec.dst_workload, rec.dst_identity = ep.workload, ep.identity.uri
+        self.delivery.telemetry.opened(rec)
         try:
             if isinstance(upstream, trio.SocketStream):   # same-node fast path: tracked like inbound
                 await self.delivery.pipe(stream, upstream, ep.workload, ep.port, src_id, src_ip, rec)

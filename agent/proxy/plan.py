@@ -87,5 +87,6 @@ class ConnRecord:
     error: str | None = None
     request_bytes: int = 0             # source -> destination (Istio's tcp_received_bytes)
     response_bytes: int = 0            # destination -> source (Istio's tcp_sent_bytes)
+    opened: bool = False               # counted as opened (telemetry sets it)
     start_wall: float = field(default_factory=time.time)
     start: float = field(default_factory=time.monotonic)

@@ -29,15 +29,16 @@ def series(m: AgentMetrics, name: str) -> list[tuple[dict, float]]:
             for s in f.samples if s.name == name]
 
 
-def test_an_allowed_connection_is_counted_and_logged_at_close():
+def test_an_allowed_connection_is_counted_when_set_up_and_logged_at_close():
     m, out = AgentMetrics(), io.StringIO()
     tel = Telemetry(m, AccessLog(out))
     rec = ConnRecord("source", "10.10.1.2", src_workload=WEB, src_identity="spiffe://cluster.local/ns/shop/sa/web")
-    tel.opened(rec)
-    assert series(m, "nodemesh_tcp_connections_opened_total") == [] and out.getvalue() == ""
     rec.dst_address, rec.dst_service = "10.96.0.5:5432", "db.shop.svc"
     rec.dst_workload, rec.dst_identity = DB, "spiffe://cluster.local/ns/shop/sa/db"
     rec.protocol, rec.security = "hbone", "mutual_tls"
+    tel.opened(rec)   # set up: counted while still open
+    (labels, n), = series(m, "nodemesh_tcp_connections_opened_total")
+    assert n == 1 and series(m, "nodemesh_tcp_connections_closed_total") == [(labels, 0)] and out.getvalue() == ""
     rec.request_bytes, rec.response_bytes = 300, 4000
     tel.closed(rec)
     (labels, n), = series(m, "nodemesh_tcp_connections_opened_total")
