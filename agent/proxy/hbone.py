@@ -21,6 +21,8 @@ from agent.proxy.h2conn import (
     CANCEL, NO_ERROR, ConnectionLost, H2Conn, HboneError, HboneStream, Headers,
     LocalProtocolError, ProtocolError, RemoteProtocolError, StreamReset,
 )
+from agent.identity import PeerIdentityError
+from agent.identity import peer_identity as read_peer_identity
 from agent.proxy.relay import open_marked_tcp_stream
 
 __all__ = [
@@ -139,17 +141,15 @@ def parse_forwarded(value: str) -> str | None:
 
 
 def peer_identity(tls: trio.SSLStream) -> str:
-    """The peer's SPIFFE ID: the one URI SAN of its verified certificate.
+    """The peer's SPIFFE ID: the one URI SAN of its verified certificate (agent.identity reads it).
 
-    Raises PeerNotAllowed when the peer sent no certificate or not exactly one spiffe:// URI.
+    Raises PeerNotAllowed when the peer sent no certificate or not exactly one URI SAN.
     """
-    cert = tls.getpeercert()
-    if not cert:
-        raise PeerNotAllowed(None, "no verified peer certificate")
-    uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI" and v.startswith("spiffe://")]
-    if len(uris) != 1:
-        raise PeerNotAllowed(None, f"expected exactly one spiffe:// URI SAN, got {len(uris)}")
-    return uris[0]
+    try:
+        peer = read_peer_identity(tls)
+    except PeerIdentityError as e:
+        raise PeerNotAllowed(None, str(e)) from None
+    return peer if isinstance(peer, str) else peer.uri
 
 
 def _check_alpn(tls: trio.SSLStream, address: str) -> None:
