@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -20,6 +18,7 @@ from typing import Awaitable, Callable
 import trio
 
 from agent.controlplane import ControlPlane, ControlPlaneError, Refused
+from agent.identity.store import write_private
 from agent.state import Snapshot, SnapshotError, StateHolder
 from controller import api
 
@@ -90,16 +89,8 @@ class Decoder:
 def save(path: Path, res: Resources) -> None:
     """Write the objects atomically (temp file, fsync, rename): a crash leaves the old or the new."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".snapshot.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": res.version, "items": list(res.objects.values())}, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    body = json.dumps({"version": res.version, "items": list(res.objects.values())}, separators=(",", ":"))
+    write_private(path, body.encode())
 
 
 def load(path: Path) -> Resources | None:
