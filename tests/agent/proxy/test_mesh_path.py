@@ -281,3 +281,22 @@ async def test_unknown_destination_passes_through_or_is_refused(mesh):
         while rec.dst_address != "127.0.9.9:1":
             rec = await node1.sink.next()
     assert rec.flags == "NR"
+
+
+async def test_root_rotation_mid_traffic(mesh, controller):
+    node1, node2, _ = mesh
+    with trio.fail_after(15):
+        s = await node1.connect("client-1", (VIP, 80))
+        assert await round_trip(s, b"before") == b"before"
+        admin = controller.client()
+        await controller.call(admin.rotate_ca)
+        for node in (node1, node2):            # what the agent's bundle refresh does
+            node.identity.update_bundle(await node.cp.trust_bundle())
+        node2.identity.forget(WEB)             # web-1 now gets a new-root certificate ...
+        await node2.identity.certified(WEB)    # ... while client-1 keeps its old-root one
+        assert await round_trip(s, b"during") == b"during"   # the open connection carries on
+        await s.aclose()
+        node1.pools.retain(Snapshot.empty(node="node-1"))    # drop the pooled TLS connection
+        s2 = await node1.connect("client-1", (VIP, 80))
+        assert await round_trip(s2, b"after") == b"after"    # old-root client, new-root server
+        assert node1.pools.stats()["shop/client-1"].connections == 1           # a new handshake did it
