@@ -34,7 +34,7 @@ from agent.proxy.listeners import Handlers, Listeners
 from agent.proxy.outbound import Outbound, Pools
 from agent.redirect.netns import connect_in
 from agent.redirect import select
-from agent.redirect.base import RedirectError, Redirector
+from agent.redirect.base import INBOUND_PLAIN_PORT, RedirectError, Redirector
 from agent.state import Snapshot, StateHolder
 from agent.sync import SyncStatus, run_sync
 from controller.api import to_dict
@@ -63,9 +63,10 @@ class AgentConfig:
 
 @dataclass
 class Workloads:
-    """Which local identities are certified; readiness reads it."""
+    """What is in place for the local workloads (certificates, redirects); readiness reads it."""
 
     errors: dict[str, str] = field(default_factory=dict)
+    enrolled: dict[tuple[str, str], object] = field(default_factory=dict)   # key -> Workload
 
 
 async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -86,7 +87,7 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
     status = SyncStatus()
     certs = Workloads()
     registry = Registry()
-    redirector = select.make(cfg.redirect)
+    redirector = select.make(cfg.redirect, node=cfg.node)
     access = None if cfg.access_log == "off" else AccessLog(cfg.access_log)
     metrics = AgentMetrics(cert_expiry=identity.expiries, config_version=lambda: status.version,
                            config_rejected=lambda: status.rejected_total)
@@ -108,6 +109,10 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             if not listeners.ready(holder.current):
                 failed = {k: v.error for k, v in listeners.status().items() if v.error}
                 return False, f"listeners not open: {failed or 'opening'}"
+            missing = [f"{w.metadata.namespace}/{w.metadata.name}" for w in holder.current.local_workloads
+                       if w.spec.netns and (w.metadata.namespace, w.metadata.name) not in certs.enrolled]
+            if missing:
+                return False, f"redirect not in place yet for {', '.join(missing)}"
             return True, f"serving version {status.version}"
 
         await nursery.start(identity.run)
@@ -165,7 +170,7 @@ async def _follow_snapshots(holder: StateHolder, listeners: Listeners, pools: Po
                             identity: IdentityManager, certs: Workloads, redirector: Redirector) -> None:
     """On every snapshot: certificates for local workloads, listeners, then the redirect (so no
     connection is redirected to a port that is not open yet); undo all of it for what left."""
-    version, held, enrolled = -1, set(), {}
+    version, held, enrolled = -1, set(), certs.enrolled
     while True:
         with trio.move_on_after(2.0):   # also retry what failed (certificates, listeners, redirect)
             await holder.wait_newer(version)
@@ -196,6 +201,14 @@ async def _follow_snapshots(holder: StateHolder, listeners: Listeners, pools: Po
             if key not in enrolled and st is not None and not st.error and (w.spec.netns or w.spec.cgroup):
                 if await _redirect_step(redirector.enrol, w, certs):
                     enrolled[key] = w
+                    register = getattr(redirector, "register_inbound_socket", None)
+                    inbound = listeners.listener(w, INBOUND_PLAIN_PORT)
+                    if register is not None and inbound is not None:
+                        try:
+                            register(w, inbound)
+                        except (RedirectError, OSError) as e:
+                            certs.errors[f"redirect {key[0]}/{key[1]}"] = str(e)
+                            log.error("inbound redirect for %s/%s failed: %s", *key, e)
 
 
 async def _redirect_step(step, workload, certs: Workloads) -> bool:

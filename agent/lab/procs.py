@@ -24,8 +24,11 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def start(run: Path, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
-    """Start ``argv`` in its own session, detached from our terminal; return its pid."""
+def start(run: Path, name: str, argv: list[str], env: dict[str, str] | None = None,
+          clean_env: bool = False) -> int:
+    """Start ``argv`` in its own session, detached from our terminal; return its pid.
+
+    ``env`` is added to our environment, or with ``clean_env`` is the whole environment."""
     (run / "pids").mkdir(parents=True, exist_ok=True)
     (run / "logs").mkdir(parents=True, exist_ok=True)
     if pid_of(run, name):
@@ -33,7 +36,8 @@ def start(run: Path, name: str, argv: list[str], env: dict[str, str] | None = No
     log = open(run / "logs" / f"{name}.log", "ab")
     try:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True, env={**os.environ, **(env or {})})
+                             start_new_session=True,
+                             env=dict(env or {}) if clean_env else {**os.environ, **(env or {})})
     finally:
         log.close()
     (run / "pids" / f"{name}.pid").write_text(f"{p.pid} {_start_time(p.pid)}\n")
@@ -90,3 +94,22 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def stop_many(run: Path, names_: list[str], timeout: float = 5.0) -> list[str]:
+    """``stop`` several at once: SIGTERM to all, wait up to ``timeout`` together, then SIGKILL
+    the rest. Returns the names that were running."""
+    running = {name: pid for name in names_ if (pid := pid_of(run, name)) is not None}
+    for pid in running.values():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(pid_of(run, n) for n in running):
+        for pid in running.values():
+            _reap(pid)
+        time.sleep(0.05)
+    for name in names_:
+        stop(run, name, timeout=1.0)    # SIGKILL whatever is left, remove the pid files
+    return sorted(running)

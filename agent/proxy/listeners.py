@@ -202,6 +202,11 @@ class Listeners:
                 task_status.started(accepts)
                 await trio.sleep_forever()
 
+    def listener(self, workload: Workload, port: int) -> trio.SocketListener | None:
+        """The open listener of ``workload`` on ``port`` (the eBPF redirect steers inbound to 15006's)."""
+        entry = self._entries.get(_key(workload))
+        return entry.listeners.get(port) if entry is not None else None
+
     async def _open_missing(self) -> None:
         async with trio.open_nursery() as nursery:
             for entry in self._entries.values():

@@ -40,7 +40,7 @@ class NoRedirect:
                                 "something else redirects it")]
 
 
-def make(mode: str) -> Redirector:
+def make(mode: str, *, node: str = "default") -> Redirector:
     if mode not in MODES:
         raise RedirectError(f"unknown redirect mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "none":
@@ -57,7 +57,8 @@ def make(mode: str) -> Redirector:
         return make("iptables")
     ok, why = ebpf.supported()
     if ok:
-        return ebpf.EbpfRedirector()
+        # One instance per node name: agents of several lab nodes share this kernel.
+        return ebpf.EbpfRedirector(instance=node)
     if mode == "ebpf":
         raise RedirectError(f"the ebpf mode is not supported here: {why}; try --redirect iptables")
     log.warning("redirect auto: ebpf not supported (%s); using iptables", why)

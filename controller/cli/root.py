@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("controller.cli.identity:status", "Show the controller, its nodes and their certificates."),
     "check": ("controller.cli.check:check", "Check health and warn about certificates close to expiry."),
     "agent": ("agent.cli:agent", "Run the node agent (proxy, identities, redirection) on this host."),
-    "lab": ("agent.lab.cli:lab", "The network-namespace lab on this machine (up, down, status)."),
+    "lab": ("agent.lab.cli:lab", "The network-namespace lab on this machine (up, status, exec, down)."),
 }
 
 

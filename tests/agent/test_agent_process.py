@@ -33,6 +33,7 @@ from tests.controller.test_controller_process import Controller, nodemesh
 pytestmark = pytest.mark.root
 
 POD_IP, APP_PORT = "10.250.0.2", 8080
+CGROUP_ROOT = "/sys/fs/cgroup/unified"
 CLIENT_URI = "spiffe://cluster.local/ns/shop/sa/frontend"
 WEB_URI = "spiffe://cluster.local/ns/shop/sa/web"
 
@@ -42,7 +43,8 @@ def manifest(ns: str, extra: str = "") -> str:
 apiVersion: nodemesh.io/v1alpha1
 kind: Workload
 metadata: {{name: web-1, namespace: shop, labels: {{app: web}}}}
-spec: {{node: node-1, serviceAccount: web, addresses: [{POD_IP}], ports: [{APP_PORT}], netns: /var/run/netns/{ns}}}
+spec: {{node: node-1, serviceAccount: web, addresses: [{POD_IP}], ports: [{APP_PORT}], netns: /var/run/netns/{ns},
+        cgroup: {CGROUP_ROOT}/{ns}}}
 ---
 apiVersion: nodemesh.io/v1alpha1
 kind: Workload
@@ -67,10 +69,18 @@ spec:
 """
 
 
+@pytest.fixture(params=["iptables", "ebpf"])
+def redirect(request):
+    return request.param
+
+
 @pytest.fixture
 def pod_netns():
+    """A pod: a network namespace and a cgroup of the same name."""
     name = f"nmt-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
+    cgroup = f"{CGROUP_ROOT}/{name}"
+    os.mkdir(cgroup)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         subprocess.run(["ip", "-n", name, "addr", "add", f"{POD_IP}/32", "dev", "lo"], check=True)
@@ -83,11 +93,17 @@ def pod_netns():
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+        for _ in range(50):   # the cgroup empties once its test clients have exited
+            try:
+                os.rmdir(cgroup)
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
 class Agent:
-    def __init__(self, ctl: Controller, tmp):
-        self.ctl, self.tmp = ctl, tmp
+    def __init__(self, ctl: Controller, tmp, redirect: str):
+        self.ctl, self.tmp, self.redirect = ctl, tmp, redirect
         self.admin, self.metrics, self.ready = free_port(), free_port(), free_port()
         self.proc = None
         self.log = tmp / "agent.log"
@@ -97,7 +113,7 @@ class Agent:
                 "--controller", f"https://127.0.0.1:{self.ctl.port}", "--state-dir", str(self.tmp / "agent"),
                 "--admin", f"127.0.0.1:{self.admin}", "--metrics", f"127.0.0.1:{self.metrics}",
                 "--ready", f"127.0.0.1:{self.ready}", "--access-log", str(self.tmp / "access.log"),
-                "--ca", str(self.ctl.data / "ca" / "bundle.crt"), "--redirect", "iptables"]
+                "--ca", str(self.ctl.data / "ca" / "bundle.crt"), "--redirect", self.redirect]
         if token_file:
             args += ["--token", str(token_file)]
         self.proc = subprocess.Popen(args, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
@@ -126,7 +142,7 @@ class Agent:
 
 
 @pytest.fixture
-def setup(tmp_path, pod_netns):
+def setup(tmp_path, pod_netns, redirect):
     ctl = Controller(tmp_path)
     ctl.init()
     ctl.start()
@@ -134,7 +150,7 @@ def setup(tmp_path, pod_netns):
     nodemesh("apply", "-f", str(tmp_path / "m.yaml"), env=ctl.env)
     token = nodemesh("token", "create", "--node", "node-1", env=ctl.env).stdout.strip()
     (tmp_path / "token").write_text(token)
-    agent = Agent(ctl, tmp_path)
+    agent = Agent(ctl, tmp_path, redirect)
     yield ctl, agent, pod_netns
     for p in (agent.proc, ctl.proc):
         if p and p.poll() is None:
@@ -143,11 +159,12 @@ def setup(tmp_path, pod_netns):
 
 
 def pod_client(netns: str, host: str, port: int, payload: bytes) -> str:
-    """A plain client process inside the pod: connect, send, read the echo."""
+    """A plain client process inside the pod (its cgroup first, then its netns): connect, send, read the echo."""
     code = ("import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10); "
             "s.sendall(sys.argv[3].encode()); s.shutdown(socket.SHUT_WR); print(s.recv(100).decode())")
-    p = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code, host, str(port), payload.decode()],
-                       capture_output=True, text=True, timeout=30)
+    wrapper = f'echo $$ > {CGROUP_ROOT}/{netns}/cgroup.procs && exec ip netns exec "$@"'
+    p = subprocess.run(["sh", "-c", wrapper, "sh", netns, sys.executable, "-c", code, host, str(port),
+                        payload.decode()], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
     return p.stdout.strip()
 
@@ -219,18 +236,17 @@ async def test_agent_joins_serves_hbone_enforces_policy_and_restarts_from_disk(s
             with pytest.raises(ConnectRefused) as e:
                 await hbone_round_trip(netns, ctx)
             assert e.value.status == 403
-            # An unmodified client in the pod calls the Service VIP: the iptables redirect sends it
+            # An unmodified client in the pod calls the Service VIP: the redirect sends it
             # to the pod's 15001, the proxy picks web-1 (same node: fast path) and delivers it.
             out = await trio.to_thread.run_sync(lambda: pod_client(netns, "10.96.0.10", 80, b"via-vip"))
             assert out == "via-vip"
         n.cancel_scope.cancel()
-    redirect = agent.get("/redirect").json()
-    assert redirect["mode"] == "iptables" and redirect["findings"][0]["level"] == "ok", redirect
+    report = agent.get("/redirect").json()
+    assert report["mode"] == agent.redirect and {f["level"] for f in report["findings"]} == {"ok"}, report
     doctor = nodemesh("check", "--node", "--agent-admin", f"http://127.0.0.1:{agent.admin}",
                       "--agent-ready", f"http://127.0.0.1:{agent.ready}/healthz/ready", env=ctl.env).stdout
-    assert "redirect mode in force: iptables" in doctor
-    assert f"shop/web-1: iptables redirect in place in /var/run/netns/{netns}" in doctor
-    assert "shop/web-1: listeners [15001, 15006, 15008]" in doctor and "FAIL" not in doctor
+    assert f"redirect mode in force: {agent.redirect}" in doctor
+    assert "shop/web-1: listeners [15001, 15006, 15008]" in doctor and "FAIL" not in doctor, doctor
 
     lines = [json.loads(l) for l in (tmp_path / "access.log").read_text().splitlines()]
     assert any(l["decision"]["result"] == "allow" and l["src"]["identity"] == CLIENT_URI for l in lines)
@@ -250,9 +266,12 @@ async def test_agent_joins_serves_hbone_enforces_policy_and_restarts_from_disk(s
             await hbone_round_trip(netns, ctx)   # still enforcing the policy it had
         n.cancel_scope.cancel()
     assert agent.stop() == 0
-    # Its listeners and its rules are gone with it.
+    # Its listeners and its hooks are gone with it.
     rules = subprocess.run(["ip", "netns", "exec", netns, "iptables-save", "-t", "nat"], capture_output=True,
                            text=True, check=True).stdout
     assert "NODEMESH" not in rules
+    tree = subprocess.run(["bpftool", "cgroup", "tree", f"{CGROUP_ROOT}/{netns}"], capture_output=True,
+                          text=True).stdout
+    assert "nm_" not in tree and "connect4" not in tree, tree
     with pytest.raises(OSError):
         await connect_in(f"/var/run/netns/{netns}", POD_IP, 15008, timeout=2)

@@ -1,0 +1,479 @@
+"""ebpf.py: redirect mode "ebpf" — bcc-compiled programs of bpf/ on each workload's cgroup and netns.
+
+The only module that imports bcc. Compiles bpf/*.c once at ``start`` (off the trio thread),
+parameters as cflags, and attaches per workload:
+
+- Outbound, on the workload's cgroup v2 (``spec.cgroup``): ``cgroup/connect4`` rewrites a TCP
+  connect() to 127.0.0.1:15001 (in the client's own netns: the in-pod listener), skipping
+  loopback, the pod's own addresses and sockets carrying SO_MARK PROXY_MARK, and records the
+  original destination by socket cookie; ``sockops`` re-keys it by (netns cookie, client ip,
+  client port) when the SYN leaves; ``original_destination`` reads and deletes that entry.
+  ``cgroup/connect6`` does the same for IPv4-mapped destinations (::ffff:a.b.c.d) of dual-stack
+  sockets; native IPv6 is left alone (the in-pod listeners are IPv4 only), so IPv6 works but is
+  not meshed.
+- Inbound, on the pod's netns: ``sk_lookup`` (chosen over nft TPROXY: no fwmark rule, no local
+  route, no netfilter in the pod, the original destination is simply the accepted socket's
+  getsockname(), and the link vanishes with the agent instead of outliving it). A TCP SYN from
+  outside the pod for one of the pod's own IPv4 addresses (``spec.addresses``), on any port but
+  15008, is handed to the 15006 listener the agent registers with ``register_inbound_socket``;
+  HBONE peers reach pod_ip:15008 by the normal lookup. The proxy's own deliveries to the app
+  (dialled from inside the pod) are never steered: sk_lookup cannot see their socket's mark, and
+  ``ingress_ifindex`` of local delivery is the veth, not lo, so "from inside" means a source
+  address that is loopback or the destination itself (what connect() to a local address picks;
+  a pod socket explicitly bound to a *second* own address would be steered).
+
+Attachments: cgroup programs with flags 0 (attaching again replaces — a restarted agent takes
+over a cgroup it enrols); sk_lookup as bpf_links held by this process (closed on exit, even a
+crash). Nothing is pinned: all map state is per-connection and short-lived, and the listeners
+die with the agent anyway, so a restarted agent has nothing to adopt. Instead the cgroups it
+attached to are recorded in ``<state_dir>/<instance>.json``, and ``start(local)`` detaches our
+programs (by name) from recorded cgroups whose workloads are not in ``local``.
+
+Cgroup paths: ``spec.cgroup`` is a cgroup v2 path. Under a hybrid layout (cgroup2 at
+/sys/fs/cgroup/unified), ``/sys/fs/cgroup/X`` is taken to mean ``<cgroup2 mount>/X``; a relative
+path is relative to the cgroup2 mount.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from agent.proxy.relay import PROXY_MARK
+from agent.redirect import bpfmaps
+from agent.redirect.base import (INBOUND_HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, Finding,
+                                 RedirectError)
+from agent.redirect.netns import netns_cookie, netns_path, socket_in
+from agent.redirect.origdst import NoOriginalDestination
+from controller.api import Workload
+
+log = logging.getLogger("nodemesh.agent.redirect")
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+PROGRAM_FILES = ("cgroup_connect4_redirect.c", "sockops_origdst.c", "sk_lookup_inbound.c")
+KHEADERS = "/var/lib/nodemesh/kheaders"          # built by scripts/setup.sh (KERNEL-NOTES)
+STATE_DIR = "/run/nodemesh/ebpf"
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+# the cgroup hooks, in attach order (sockops first, so every redirected connect is re-keyed)
+CGROUP_HOOKS = (("nm_sockops", bpfmaps.ATTACH_CGROUP_SOCK_OPS),
+                ("nm_connect4", bpfmaps.ATTACH_INET4_CONNECT),
+                ("nm_connect6", bpfmaps.ATTACH_INET6_CONNECT))
+OUR_PROGRAMS = frozenset({"nm_sockops", "nm_connect4", "nm_connect6", "nm_sk_lookup"})
+
+
+def cflags() -> list[str]:
+    """The programs' parameters (DESIGN "Ports", relay.PROXY_MARK) and include path."""
+    return [f"-DOUTBOUND_PORT={OUTBOUND_PORT}", f"-DINBOUND_PLAIN_PORT={INBOUND_PLAIN_PORT}",
+            f"-DINBOUND_HBONE_PORT={INBOUND_HBONE_PORT}", f"-DPROXY_MARK={PROXY_MARK:#x}",
+            f"-I{BPF_DIR / 'include'}"]
+
+
+# --- cgroup paths (pure) -----------------------------------------------------------------------
+
+def cgroup2_mounts(mounts_text: str | None = None) -> list[str]:
+    """Mount points of cgroup2 file systems (from /proc/self/mounts unless given)."""
+    if mounts_text is None:
+        mounts_text = Path("/proc/self/mounts").read_text()
+    return [f[1] for f in (line.split() for line in mounts_text.splitlines()) if len(f) > 2 and f[2] == "cgroup2"]
+
+
+def cgroup_dir(spec_cgroup: str, mounts: list[str]) -> str:
+    """The directory of ``spec_cgroup`` on a cgroup2 mount: a path already on one is kept,
+    ``/sys/fs/cgroup/X`` maps to ``<mount>/X`` (hybrid layout), a relative path is relative to
+    the mount. Raises RedirectError without cgroup2 or for an empty path."""
+    if not spec_cgroup:
+        raise RedirectError("no cgroup: the ebpf mode attaches to spec.cgroup (use --redirect iptables "
+                            "for workloads known only by netns)")
+    if not mounts:
+        raise RedirectError("no cgroup2 file system is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)")
+    path = os.path.normpath(spec_cgroup)
+    for m in mounts:
+        if path == m or path.startswith(m.rstrip("/") + "/"):
+            return path
+    mount = mounts[0]
+    if path == CGROUP_ROOT or path.startswith(CGROUP_ROOT + "/"):
+        rest = path[len(CGROUP_ROOT):].lstrip("/")
+    elif not os.path.isabs(path):
+        rest = path
+    else:
+        raise RedirectError(f"cgroup {spec_cgroup} is not on the cgroup2 file system ({mount})")
+    return os.path.join(mount, rest) if rest else mount
+
+
+def _name(w: Workload) -> str:
+    return f"{w.metadata.namespace}/{w.metadata.name}"
+
+
+def _ipv4(addresses) -> list[str]:
+    return [a for a in addresses if ":" not in a]
+
+
+# --- compile -----------------------------------------------------------------------------------
+
+def _compile():
+    """Compile and load all programs; returns (BPF, {name: prog fd}). Blocking (0.5–2.5 s)."""
+    from bcc import BPF, BPFAttachType, BPFProgType
+    if "BCC_KERNEL_SOURCE" not in os.environ and os.path.isdir(KHEADERS) \
+            and not os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
+        os.environ["BCC_KERNEL_SOURCE"] = KHEADERS
+    text = "\n".join((BPF_DIR / f).read_text() for f in PROGRAM_FILES)
+    try:
+        b = BPF(text=text.encode(), cflags=cflags())
+    except Exception as e:
+        raise RedirectError(f"compiling {', '.join(PROGRAM_FILES)} failed: {e} (is BCC_KERNEL_SOURCE "
+                            f"set to a header tree? see KERNEL-NOTES)") from e
+    try:
+        fds = {}
+        for name, ptype, atype in (("nm_connect4", BPFProgType.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET4_CONNECT),
+                                   ("nm_connect6", BPFProgType.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET6_CONNECT),
+                                   ("nm_sockops", BPFProgType.SOCK_OPS, -1),
+                                   ("nm_sk_lookup", 30, BPFAttachType.SK_LOOKUP)):  # 30: BPF_PROG_TYPE_SK_LOOKUP
+            fds[name] = b.load_func(name.encode(), ptype, attach_type=atype).fd
+    except Exception as e:
+        b.cleanup()
+        raise RedirectError(f"loading the redirect programs failed: {e}") from e
+    return b, fds
+
+
+def _table_fd(b, name: str) -> int:
+    from bcc import libbcc
+    fd = libbcc.lib.bpf_table_fd(b.module, name.encode())
+    if fd < 0:
+        raise RedirectError(f"map {name} missing from the compiled programs")
+    return fd
+
+
+def supported() -> tuple[bool, str]:
+    """Can this kernel run the ebpf mode? (cgroup2 mounted, bpf() works, the programs compile
+    and load.) Returns (True, "") or (False, why). Blocking: compiles once (~1–3 s); the
+    result is kept for the next ``EbpfRedirector.start`` so the agent compiles only once."""
+    if os.geteuid() != 0:
+        return False, "needs root (CAP_BPF, CAP_NET_ADMIN)"
+    if not cgroup2_mounts():
+        return False, "no cgroup2 file system mounted"
+    try:
+        bpfmaps.libbpf()
+    except OSError as e:
+        return False, f"libbpf not found: {e}"
+    try:
+        compiled = _compile()
+    except (RedirectError, OSError, ImportError) as e:
+        return False, str(e)
+    with _spare_lock:                  # the next start() uses it instead of compiling again
+        while _spare:
+            _spare.pop()[0].cleanup()
+        _spare.append(compiled)
+    return True, ""
+
+
+_spare: list = []                      # at most one (BPF, fds) compiled by supported()
+_spare_lock = threading.Lock()
+
+
+def _compiled():
+    with _spare_lock:
+        if _spare:
+            return _spare.pop()
+    return _compile()
+
+
+# --- the redirector ----------------------------------------------------------------------------
+
+@dataclass
+class _Enrolment:
+    cgroup: str
+    netns: str                       # "" for a host-process workload
+    cookie: int                      # netns cookie of the workload's netns (or the agent's)
+    own: list[str]                   # IPv4 addresses entered in own_addrs
+    link_fd: int = -1                # sk_lookup link on the netns
+    inbound: list[str] = field(default_factory=list)   # IPv4 keys in inbound_listeners
+
+
+class EbpfRedirector:
+    """Redirector (agent/redirect/base.py) for mode "ebpf".
+
+    ``instance`` names this agent's record of attached cgroups (``<state_dir>/<instance>.json``):
+    agents sharing one kernel (the lab) must use different instances, or one's ``start`` would
+    detach the other's cgroups. Extra over the interface: ``register_inbound_socket`` /
+    ``unregister_inbound_socket`` for the 15006 listener the agent owns.
+    """
+
+    mode = "ebpf"
+
+    def __init__(self, *, instance: str = "default", state_dir: str = STATE_DIR) -> None:
+        self._state_file = Path(state_dir) / f"{instance}.json"
+        self._bpf = None
+        self._progs: dict[str, int] = {}
+        self._maps: dict[str, int] = {}
+        self._enrolled: dict[tuple[str, str], _Enrolment] = {}
+        self._lock = threading.Lock()            # enrol/unenrol run in worker threads
+
+    # -- lifecycle --
+
+    async def start(self, local: list[Workload]) -> None:
+        """Compile and load the programs (once), then detach our programs from cgroups recorded
+        by an earlier run whose workloads are not in ``local``. Raises RedirectError."""
+        if self._bpf is None:
+            b, progs = await trio.to_thread.run_sync(_compiled)
+            self._bpf, self._progs = b, progs
+            self._maps = {n: _table_fd(b, n) for n in ("origdst_by_peer", "own_addrs", "inbound_listeners")}
+        await trio.to_thread.run_sync(self._sweep, local)
+
+    def _sweep(self, local: list[Workload]) -> None:
+        mounts = cgroup2_mounts()
+        keep = set()
+        for w in local:
+            try:
+                keep.add(cgroup_dir(w.spec.cgroup, mounts))
+            except RedirectError:
+                pass
+        with self._lock:
+            recorded = self._read_state()
+            for cg in recorded - keep:
+                n = _detach_ours(cg)
+                log.info("ebpf: removed %d leftover attachment(s) from %s", n, cg)
+            self._write_state((recorded & keep) | {e.cgroup for e in self._enrolled.values()})
+
+    async def stop(self) -> None:
+        """Unenrol everything, close the programs and forget the record. Nothing is pinned."""
+        with trio.CancelScope(shield=True):       # undo kernel changes even when cancelled
+            for key in list(self._enrolled):
+                await trio.to_thread.run_sync(self._unenrol_key, key)
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf, self._progs, self._maps = None, {}, {}
+        try:
+            self._state_file.unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- enrol --
+
+    async def enrol(self, workload: Workload) -> None:
+        """Attach connect4/connect6/sockops to the workload's cgroup and (for a pod) sk_lookup to
+        its netns. Idempotent. Raises RedirectError naming the workload and the step."""
+        if self._bpf is None:
+            raise RedirectError(f"{_name(workload)}: enrol before start")
+        await trio.to_thread.run_sync(self._enrol_sync, workload)
+
+    def _enrol_sync(self, w: Workload) -> None:
+        key = (w.metadata.namespace, w.metadata.name)
+        try:
+            cg = cgroup_dir(w.spec.cgroup, cgroup2_mounts())
+        except RedirectError as e:
+            raise RedirectError(f"{_name(w)}: {e}") from None
+        if not os.path.isdir(cg):
+            raise RedirectError(f"{_name(w)}: cgroup {cg} does not exist")
+        with self._lock:
+            old = self._enrolled.get(key)
+            if old is not None and (old.cgroup, old.netns) != (cg, w.spec.netns):
+                self._unenrol_locked(key)
+                old = None
+            if old is None:
+                try:
+                    cookie = self._cookie(w.spec.netns)
+                except OSError as e:
+                    raise RedirectError(f"{_name(w)}: cannot reach netns {w.spec.netns}: {e}") from e
+                old = self._enrolled[key] = _Enrolment(cg, w.spec.netns, cookie, [])
+                self._write_state(self._read_state() | {cg})
+            e = old
+            try:
+                self._set_own(e, _ipv4(w.spec.addresses))
+                self._attach_cgroup(cg)
+                if e.netns and e.link_fd < 0:
+                    fd = os.open(netns_path(e.netns), os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        e.link_fd = bpfmaps.link_create(self._progs["nm_sk_lookup"], fd, bpfmaps.ATTACH_SK_LOOKUP)
+                    finally:
+                        os.close(fd)
+            except OSError as err:
+                self._unenrol_locked(key)
+                raise RedirectError(f"{_name(w)}: attaching to {cg} / {e.netns or 'host netns'} failed: {err}") from err
+
+    @staticmethod
+    def _cookie(netns: str) -> int:
+        s = socket_in(netns or None, socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            return netns_cookie(s)
+        finally:
+            s.close()
+
+    def _set_own(self, e: _Enrolment, addrs: list[str]) -> None:
+        fd = self._maps["own_addrs"]
+        for a in set(e.own) - set(addrs):
+            bpfmaps.map_delete(fd, bpfmaps.OwnAddrKey(e.cookie, bpfmaps.ip4_u32(a), 0))
+        for a in addrs:
+            bpfmaps.map_update(fd, bpfmaps.OwnAddrKey(e.cookie, bpfmaps.ip4_u32(a), 0), ctypes.c_uint8(1))
+        e.own = list(addrs)
+
+    def _attach_cgroup(self, cg: str) -> None:
+        fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name, atype in CGROUP_HOOKS:
+                bpfmaps.prog_attach(self._progs[name], fd, atype, 0)
+        finally:
+            os.close(fd)
+
+    # -- unenrol --
+
+    async def unenrol(self, workload: Workload) -> None:
+        """Undo ``enrol``; a workload not enrolled is a no-op; a vanished cgroup/netns is fine."""
+        await trio.to_thread.run_sync(self._unenrol_key, (workload.metadata.namespace, workload.metadata.name))
+
+    def _unenrol_key(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._unenrol_locked(key)
+
+    def _unenrol_locked(self, key: tuple[str, str]) -> None:
+        e = self._enrolled.pop(key, None)
+        if e is None:
+            return
+        if e.link_fd >= 0:
+            os.close(e.link_fd)
+            e.link_fd = -1
+        for a in e.inbound:
+            bpfmaps.map_delete(self._maps["inbound_listeners"], ctypes.c_uint32(bpfmaps.ip4_u32(a)))
+        self._set_own(e, [])
+        if not any(o.cgroup == e.cgroup for o in self._enrolled.values()):
+            try:
+                fd = os.open(e.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1
+            if fd >= 0:
+                try:
+                    for name, atype in reversed(CGROUP_HOOKS):
+                        bpfmaps.prog_detach(self._progs[name], fd, atype)
+                finally:
+                    os.close(fd)
+            self._write_state(self._read_state() - {e.cgroup})
+
+    # -- inbound listener --
+
+    def register_inbound_socket(self, workload: Workload, sock) -> None:
+        """Steer the workload's outside inbound TCP (all ports but 15008) to ``sock``, its listening
+        15006 socket (stdlib/trio socket or SocketListener; the kernel keeps its own reference,
+        and drops it when the socket closes). Call after ``enrol``. Raises RedirectError."""
+        e = self._enrolled.get((workload.metadata.namespace, workload.metadata.name))
+        if e is None or not e.netns:
+            raise RedirectError(f"{_name(workload)}: register_inbound_socket needs an enrolled pod (netns)")
+        raw = getattr(sock, "socket", sock)
+        fd = ctypes.c_uint32(raw.fileno())
+        addrs = _ipv4(workload.spec.addresses)
+        try:
+            for a in addrs:
+                bpfmaps.map_update(self._maps["inbound_listeners"], ctypes.c_uint32(bpfmaps.ip4_u32(a)), fd)
+        except OSError as err:
+            raise RedirectError(f"{_name(workload)}: cannot register the 15006 listener: {err}") from err
+        e.inbound = sorted(set(e.inbound) | set(addrs))
+
+    def unregister_inbound_socket(self, workload: Workload) -> None:
+        e = self._enrolled.get((workload.metadata.namespace, workload.metadata.name))
+        if e is not None:
+            for a in e.inbound:
+                bpfmaps.map_delete(self._maps["inbound_listeners"], ctypes.c_uint32(bpfmaps.ip4_u32(a)))
+            e.inbound = []
+
+    # -- original destination --
+
+    async def original_destination(self, workload: Workload, stream: trio.SocketStream) -> tuple[str, int]:
+        """Where a connection accepted on 15001 (or steered to 15006) was going. Outbound: the
+        entry of (netns cookie, peer ip, peer port), read and deleted. Inbound (sk_lookup keeps
+        the address the client dialled): the accepted socket's own address. Raises
+        NoOriginalDestination. A map syscall of microseconds: runs on the trio thread."""
+        await trio.lowlevel.checkpoint()
+        return self.original_destination_sync(stream.socket)
+
+    def original_destination_sync(self, sock) -> tuple[str, int]:
+        local = sock.getsockname()
+        if sock.family == socket.AF_INET and local[1] != OUTBOUND_PORT:
+            return local[0], local[1]
+        peer = sock.getpeername()
+        if sock.family != socket.AF_INET or "origdst_by_peer" not in self._maps:
+            raise NoOriginalDestination(None, f"no original destination for {peer[0]}:{peer[1]}: "
+                                              "the ebpf redirect covers IPv4 only")
+        key = bpfmaps.OrigdstKey(netns_cookie(sock), bpfmaps.ip4_u32(peer[0]), peer[1], 0)
+        value = bpfmaps.Origdst()
+        if not bpfmaps.map_lookup(self._maps["origdst_by_peer"], key, value, delete=True):
+            raise NoOriginalDestination(None, f"no original destination for {peer[0]}:{peer[1]}: was the "
+                                              "connection redirected by this agent's connect4 program?")
+        return value.address()
+
+    # -- doctor --
+
+    def check(self, workload: Workload) -> list[Finding]:
+        """Programs attached to the workload's cgroup (ours, or a stale copy), maps present,
+        sk_lookup link and 15006 listener for a pod."""
+        name = _name(workload)
+        if self._bpf is None:
+            return [Finding("FAIL", f"{name}: ebpf redirector not started (programs not loaded)")]
+        out = [Finding("ok", f"{name}: maps origdst_by_peer, own_addrs, inbound_listeners present")]
+        try:
+            cg = cgroup_dir(workload.spec.cgroup, cgroup2_mounts())
+            fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (RedirectError, OSError) as e:
+            return out + [Finding("FAIL", f"{name}: cgroup: {e}")]
+        try:
+            for prog, atype in CGROUP_HOOKS:
+                mine = bpfmaps.prog_info(self._progs[prog])[0]
+                ids = {i: n for i, n in bpfmaps.attached(fd, atype)}
+                if mine in ids:
+                    out.append(Finding("ok", f"{name}: {prog} attached to {cg}"))
+                elif prog in ids.values():
+                    out.append(Finding("WARN", f"{name}: {prog} on {cg} is another agent's (stale?); re-enrol"))
+                else:
+                    out.append(Finding("FAIL", f"{name}: {prog} not attached to {cg}"))
+        finally:
+            os.close(fd)
+        e = self._enrolled.get((workload.metadata.namespace, workload.metadata.name))
+        if workload.spec.netns:
+            if e is not None and e.link_fd >= 0:
+                out.append(Finding("ok", f"{name}: sk_lookup linked to {workload.spec.netns}"))
+            else:
+                out.append(Finding("FAIL", f"{name}: no sk_lookup link on {workload.spec.netns}"))
+            if e is None or not e.inbound:
+                out.append(Finding("WARN", f"{name}: no 15006 listener registered: inbound plaintext "
+                                           "reaches the app directly"))
+        return out
+
+    # -- the record of attached cgroups --
+
+    def _read_state(self) -> set[str]:
+        try:
+            return set(json.loads(self._state_file.read_text()).get("cgroups", []))
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as e:
+            log.warning("ebpf: ignoring unreadable %s: %s", self._state_file, e)
+            return set()
+
+    def _write_state(self, cgroups: set[str]) -> None:
+        self._state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"cgroups": sorted(cgroups)}))
+        os.replace(tmp, self._state_file)
+
+
+def _detach_ours(cg: str) -> int:
+    """Detach every nodemesh program (by name) from cgroup ``cg``; returns how many. A missing
+    cgroup has nothing attached."""
+    try:
+        fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    n = 0
+    try:
+        for _, atype in reversed(CGROUP_HOOKS):
+            for prog_id, prog_name in bpfmaps.attached(fd, atype):
+                if prog_name in OUR_PROGRAMS and bpfmaps.detach_id(fd, atype, prog_id):
+                    n += 1
+    finally:
+        os.close(fd)
+    return n
