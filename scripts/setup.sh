@@ -21,7 +21,7 @@ NODEMESH_APT_PACKAGES=(
     python3-bpfcc
     "linux-headers-$(dpkg --print-architecture 2>/dev/null || echo amd64)"
     iproute2 iptables nftables python3-nftables bpftool
-    procps psmisc ca-certificates curl kmod
+    procps psmisc ca-certificates curl kmod util-linux wrk
 )
 
 nm_log() { printf '[setup] %s\n' "$*" >&2; }

@@ -228,3 +228,48 @@ def test_ledger_tokens_are_one_time_and_expire(tmp_path):
     lg = ledger.Ledger(tmp_path / "identity.db")
     with pytest.raises(ledger.TokenRefused):
         lg.redeem(t2, now=1059.6, by="c")
+
+
+async def test_a_users_intermediate_ca_signs_and_chains_to_their_root(tmp_path, nursery):
+    from controller import app, datadir
+    from tests.controller.conftest import Running
+    now = dt.datetime.now(dt.timezone.utc)
+    root = pki.create_root("corp root", now=now, ttl=dt.timedelta(days=30))
+    inter_key = pki.generate_key()
+    inter = pki.Issuer(_intermediate(root, inter_key, now), inter_key)
+    for name, data, secret in (("root.crt", pki.cert_pem(root.cert), False), ("int.crt", pki.cert_pem(inter.cert), False),
+                               ("int.key", pki.key_pem(inter_key), True)):
+        pki.write_file(tmp_path / name, data, secret=secret)
+    d = datadir.DataDir(tmp_path / "controller")
+    with pytest.raises(datadir.DataDirError, match="intermediate"):
+        datadir.initialise(d, trust_domain="cluster.local", server_names=("127.0.0.1",),
+                           ca_cert=tmp_path / "int.crt", ca_key=tmp_path / "int.key")
+    assert datadir.initialise(d, trust_domain="cluster.local", server_names=("127.0.0.1",),
+                              ca_cert=tmp_path / "int.crt", ca_key=tmp_path / "int.key",
+                              ca_bundle=tmp_path / "root.crt")
+    ports = await nursery.start(lambda task_status: app.run(d, api_host="127.0.0.1", api_port=0, metrics_host="127.0.0.1",
+                                                            metrics_port=0, task_status=task_status))
+    ctl = Running(d, f"https://127.0.0.1:{ports[0]}", "")
+    agent = Agent(ctl, tmp_path, "node-1")
+    r = await trio.to_thread.run_sync(agent.join, await token_for(ctl, "node-1"))
+    assert r.status_code == 200, r.text
+    chain = x509.load_pem_x509_certificates(r.json()["certificate"].encode())
+    assert len(chain) == 2 and chain[1].subject == inter.cert.subject     # leaf + intermediate
+    chain[0].verify_directly_issued_by(chain[1])
+    chain[1].verify_directly_issued_by(x509.load_pem_x509_certificate(r.json()["trustBundle"].encode()))
+    c = ctl.client()
+    with pytest.raises(client.ApiStatusError) as e:
+        await ctl.call(c.rotate_ca)   # the user's CA is rotated by the user
+    assert e.value.code == 409 and "intermediate" in str(e.value)
+
+
+def _intermediate(root, key, now):
+    from cryptography.hazmat.primitives import hashes
+    return (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string("CN=corp mesh intermediate"))
+            .issuer_name(root.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=20))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .sign(root.key, hashes.SHA256()))
