@@ -112,7 +112,6 @@ class Outbound:
     async def _to_upstream(self, snap: Snapshot, src: Workload, src_id: SpiffeId, src_ip: str,
                            plan: Upstream, stream: trio.SocketStream, rec: ConnRecord) -> None:
         upstream, ep = await self._connect(snap, src, src_id, src_ip, plan, rec)
-        rec.dst_workload, rec.dst_identity = ep.workload, ep.identity.uri
         self.delivery.telemetry.opened(rec)
         try:
             if isinstance(upstream, trio.SocketStream):   # same-node fast path: tracked like inbound
@@ -165,6 +164,7 @@ class Outbound:
                       f"last error: {rec.error or 'none'}", "UF")
 
     async def _open(self, snap, src, src_id, src_ip, ep: Endpoint, rec: ConnRecord):
+        rec.dst_workload, rec.dst_identity = ep.workload, ep.identity.uri
         if ep.node == self.node:
             rec.protocol, rec.security = "tcp", "none"
             self.delivery.decide(snap, ep.workload, ep.port, src_id, src_ip, rec)
