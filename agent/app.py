@@ -225,11 +225,12 @@ async def _redirect_step(step, workload, certs: Workloads) -> bool:
 
 async def _refresh_bundle(cp: ControlPlane, identity: IdentityManager, node_uri: str, creds) -> None:
     """Pick up root rotations and the renewed node certificate."""
-    last_expiry = identity.expiries().get(node_uri)
-    await identity.certified(node_uri)  # manage (renew) the node identity like any other
+    last_expiry, managed = None, False
     while True:
-        await trio.sleep(BUNDLE_REFRESH)
         try:
+            if not managed:   # manage (renew) the node identity like any other, from its saved files
+                await identity.certified(node_uri)
+                managed, last_expiry = True, identity.expiries().get(node_uri)
             bundle = await cp.trust_bundle()
             if bundle != identity.bundle_pem:
                 identity.update_bundle(bundle)
@@ -239,6 +240,7 @@ async def _refresh_bundle(cp: ControlPlane, identity: IdentityManager, node_uri:
                 last_expiry = expiry
         except (ControlPlaneError, IdentityError) as e:
             log.warning("could not refresh the trust bundle: %s", e)
+        await trio.sleep(BUNDLE_REFRESH)
 
 
 def _config_dump(holder: StateHolder, status: SyncStatus) -> dict:
