@@ -20,6 +20,7 @@ from agent.lab import apps, cgroups, demo, net, procs
 from agent.lab.topology import PlanError, plan
 from controller.api import Workload, parse_manifests
 from tests.controller.conftest import free_port
+from tests.controller.test_controller_process import nodemesh
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 UP_BOUND = 60.0        # seconds from `lab up` to every agent ready (measured: about 6 s for 2x2)
@@ -298,10 +299,7 @@ def test_mesh_end_to_end_through_the_lab(lab_run, redirect):
 def nodemesh_cli(run: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**{k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS},
            "NODEMESH_CONFIG": str(run / "config.yaml")}
-    p = subprocess.run([sys.executable, "-m", "controller.cli", *args], input=stdin, capture_output=True,
-                       text=True, timeout=60, env=env)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p
+    return nodemesh(*args, env=env, stdin=stdin)
 
 
 def curl_web(run: Path, path: str) -> subprocess.CompletedProcess:
