@@ -230,9 +230,16 @@ def _endpoints(services: tuple[Service, ...], workloads: tuple[Workload, ...],
     consulted (like a numeric targetPort in Kubernetes)."""
     endpoints: dict[tuple[Key, int], tuple[Endpoint, ...]] = {}
     ids: dict[Key, frozenset[SpiffeId]] = {}
+    # (namespace, label, value) -> positions in ``workloads``: a selector is the intersection of
+    # its labels' sets, so matching costs the size of the answer, not services x workloads.
+    by_label: dict[tuple[str, str, str], set[int]] = {}
+    for i, w in enumerate(workloads):
+        for k, v in w.metadata.labels.items():
+            by_label.setdefault((w.metadata.namespace, k, v), set()).add(i)
     for s in services:
-        members = [w for w in workloads if s.spec.selector and w.metadata.namespace == s.metadata.namespace
-                   and _selects(s.spec.selector, w.metadata.labels)]
+        sets = [by_label.get((s.metadata.namespace, k, v), set()) for k, v in s.spec.selector.items()]
+        chosen = set.intersection(*sorted(sets, key=len)) if sets else set()
+        members = [workloads[i] for i in sorted(chosen)]
         ids[s.key] = frozenset(identity[w.key] for w in members)
         for sp in s.spec.ports:
             endpoints[(s.key, sp.port)] = tuple(

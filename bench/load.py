@@ -26,7 +26,7 @@ class WrkResult:
 
 
 def wrk(netns: str, host: str, port: int, *, seconds: float, connections: int, close: bool = False) -> WrkResult:
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s"]
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "5s"]
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{host}:{port}/1k")

@@ -33,6 +33,7 @@ class Supervisor:
     def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
         self.procs: dict[str, subprocess.Popen] = {}
+        self.specs: dict[str, tuple] = {}
 
     def __enter__(self) -> Supervisor:
         return self
@@ -47,7 +48,14 @@ class Supervisor:
                              stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
         log.close()
         self.procs[name] = p
+        self.specs[name] = (argv, netns, env, cwd)
         return p
+
+    def restart(self, name: str, argv: list[str] | None = None) -> subprocess.Popen:
+        """Stop ``name`` and start it again the same way (or with ``argv``)."""
+        old_argv, netns, env, cwd = self.specs[name]
+        self.stop(name)
+        return self.start(name, argv or old_argv, netns=netns, env=env, cwd=cwd)
 
     def log_tail(self, name: str, n: int = 2000) -> str:
         try:

@@ -1,7 +1,8 @@
 """run.py: ``python -m bench [SCENARIO...]`` — build the world, run scenarios, print and save.
 
 Scenarios: a (same-node L4 keep-alive), c (connection per request), d (bulk), e (memory),
-f (config scale, in-process), b (cross-node HBONE; not implemented yet). Default: a c d e f.
+f (config scale, in-process), b (cross-node: HBONE beside haproxy and Envoy pairs with mutual
+TLS). Default: all.
 Prints a Markdown table of medians (min–max) over the runs and writes JSON to
 bench/results/latest.json. Every process started is killed at the end, even on error, and the
 pod netns is deleted.
@@ -21,15 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from contextlib import nullcontext
+
 from bench import scenarios as sc
-from bench.procs import Supervisor, descendants, rss_kb
-from bench.topo import (BUF, HTTP_PORT, PY, ROOT, TARGETS, Mesh, PodNetns, http_get_in, start_app,
-                        start_baselines, target_address)
+from bench import twonode
+from bench.procs import Supervisor
+from bench.topo import (BUF, CLIENT_IP, HTTP_PORT, PY, ROOT, TARGETS, Mesh, PodNetns, http_get_in, restart_baseline,
+                        start_app, start_baselines, target_address)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 C_BASELINES = ("haproxy", "nginx", "envoy")
 ALL = ("a", "b", "c", "d", "e", "f")
-DEFAULT = ("a", "c", "d", "e", "f")
+DEFAULT = ("a", "b", "c", "d", "e", "f")
 
 # metric -> (label, unit, lower is better)
 METRICS = {
@@ -39,6 +43,15 @@ METRICS = {
     "a_p99_us": ("(a) p99 at 1000 rps", "µs", True),
     "a_added_p50_us": ("(a) added p50 at 1000 rps", "µs", True),
     "a_added_p99_us": ("(a) added p99 at 1000 rps", "µs", True),
+    "b_p50_us": ("(b) two-hop mTLS p50 at 1000 rps", "µs", True),
+    "b_p99_us": ("(b) two-hop mTLS p99 at 1000 rps", "µs", True),
+    "b_added_p50_us": ("(b) added p50 at 1000 rps", "µs", True),
+    "b_added_p90_us": ("(b) added p90 at 1000 rps", "µs", True),
+    "b_added_p99_us": ("(b) added p99 at 1000 rps", "µs", True),
+    "b_late_pct": ("(b) requests the client started late (path fell behind)", "%", True),
+    "b_cpu_us_per_req_client_side": ("(b) CPU per request, client-side proxy", "µs", True),
+    "b_cpu_us_per_req_server_side": ("(b) CPU per request, server-side proxy", "µs", True),
+    "b_cpu_us_per_req_both": ("(b) CPU per request, both proxies", "µs", True),
     "c_conn_per_s": ("(c) new conn per request, conn/s", "conn/s", False),
     "c_cpu_us_per_conn": ("(c) proxy CPU per connection", "µs", True),
     "d_MB_per_s": ("(d) bulk, iperf3 1 stream", "MB/s", False),
@@ -127,6 +140,29 @@ def run_config(runs: int) -> dict:
     return json.loads(p.stdout)
 
 
+def _scenario_b(sup, ns, client, tmp, mesh, targets, runs, report, profile_dir) -> dict:
+    """Second agent (node-2) for the client pod, the TLS baseline pairs, then the runs."""
+    pids: dict = {}
+    if "direct" in targets:
+        pids["direct"] = None
+    if mesh is not None:
+        pids["nodemesh"] = (mesh.start_agent("node-2"), sup.procs["agent"].pid)
+    twonode.exempt_baselines(client, ns)
+    tls = twonode.start_tls_baselines(sup, client, ns, tmp)
+    pids.update({t: p for t, p in tls.items() if t in targets})
+    for t in pids:
+        got = http_get_in(client.name, *twonode.b_address(t))
+        if got != 1024:
+            raise RuntimeError(f"(b) {t}: GET /1k returned {got} bytes, not 1024")
+    out = twonode.scenario_b(sup, client, pids, runs)
+    if profile_dir is not None and "nodemesh" in pids:
+        report["profile_b_client_agent"] = twonode.profile_b(sup, client, pids["nodemesh"][0],
+                                                             profile_dir / "profile-b-client.raw.txt")
+    for name in [n for n in sup.procs if n.endswith("-b-client") or n.endswith("-b-server")]:
+        sup.stop(name)    # the other scenarios measure the one-hop baselines only
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("scenarios", nargs="*", metavar="SCENARIO",
@@ -142,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown scenario(s) {' '.join(unknown)}; choose from {' '.join(ALL)}")
     targets = [t for t in a.targets.split(",") if t]
-    if "b" in chosen:
-        print("bench: scenario b (cross-node HBONE) is not implemented yet; skipping it", file=sys.stderr)
 
     def on_term(signum, frame):
         raise SystemExit(128 + signum)
@@ -160,28 +194,40 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix="nmbench-"))
     try:
-        if any(s in chosen for s in "acde"):
-            with PodNetns() as ns, Supervisor(tmp) as sup:
+        if any(s in chosen for s in "abcde"):
+            with PodNetns() as ns, (PodNetns(CLIENT_IP) if "b" in chosen else nullcontext()) as client, Supervisor(tmp) as sup:
                 print(f"[bench] pod netns {ns.name}, temp dir {tmp}", file=sys.stderr)
                 start_app(sup, ns, tmp)
                 pids: dict[str, int | None] = {}
                 if "direct" in targets:
                     pids["direct"] = None
+                restart = {}
                 if "nodemesh" in targets:
-                    pids["nodemesh"] = Mesh(sup, tmp).start(ns)
+                    mesh = Mesh(sup, tmp)
+                    if client is not None:
+                        twonode.link_pods(client, ns)
+                    pids["nodemesh"] = mesh.start(ns, client)
+                    restart["nodemesh"] = mesh.restart_agent
                 pids.update(start_baselines(sup, ns, tmp, tuple(t for t in targets if t in C_BASELINES)))
+                for t in pids:
+                    if t in C_BASELINES:
+                        restart[t] = lambda t=t: restart_baseline(sup, ns, t)
                 for t in pids:
                     got = http_get_in(ns.name, *target_address(t, HTTP_PORT))
                     if got != 1024:
                         raise RuntimeError(f"{t}: GET /1k returned {got} bytes, not 1024")
-                world = sc.World(sup, ns, tmp, pids, runs=a.runs,
-                                 base_rss_kb={t: rss_kb(descendants(p)) for t, p in pids.items() if p})
-                for name in "acde":
+                world = sc.World(sup, ns, tmp, pids, runs=a.runs, restart=restart)
+                for name in "abcde":
                     if name not in chosen:
                         continue
                     t0 = time.monotonic()
                     print(f"[bench] scenario {name} ...", file=sys.stderr)
-                    samples.update(getattr(sc, f"scenario_{name}")(world))
+                    if name == "b":
+                        samples.update(_scenario_b(sup, ns, client, tmp, mesh if "nodemesh" in targets else None,
+                                                   targets, a.runs, report,
+                                                   None if a.no_profile else a.out.parent))
+                    else:
+                        samples.update(getattr(sc, f"scenario_{name}")(world))
                     if name == "a" and not a.no_profile and pids.get("nodemesh"):
                         report["profile_a"] = sc.profile_a(world, pids["nodemesh"], a.out.parent / "profile-a")
                     print(f"[bench] scenario {name} done in {time.monotonic() - t0:.0f}s", file=sys.stderr)
@@ -203,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     if "config" in report:
         print()
         print(config_table(report["config"]))
-    if "profile_a" in report:
-        print("\npy-spy on the agent during (a), top frames by own time:")
-        for f, pct in report["profile_a"]["self_pct"][:10]:
-            print(f"  {pct:5.1f}%  {f}")
+    for key, what in (("profile_a", "the agent during (a)"), ("profile_b_client_agent", "the client-side agent during (b)")):
+        if key in report:
+            print(f"\npy-spy on {what}, top frames by own time:")
+            for f, pct in report[key]["self_pct"][:10]:
+                print(f"  {pct:5.1f}%  {f}")
     print(f"\n[bench] wrote {a.out} in {report['duration_s']}s", file=sys.stderr)
     return 0

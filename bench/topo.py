@@ -28,6 +28,7 @@ PY = sys.executable
 ENVOY = str(Path(sys.executable).parent / "envoy")
 
 POD_IP = "10.250.0.2"
+CLIENT_IP = "10.250.1.2"                 # (b): the client pod on the other node
 VIP = "10.96.0.10"
 HTTP_PORT, BULK_PORT = 8080, 5201        # the app's ports (Service ports 80 and 5201)
 BUF = 16 * 1024                          # every C baseline's per-direction buffer
@@ -62,7 +63,8 @@ class PodNetns:
     and sysctls so a few seconds of connection churn neither run out of ports nor leave
     conntrack entries behind for long."""
 
-    def __init__(self) -> None:
+    def __init__(self, ip: str = POD_IP) -> None:
+        self.ip = ip
         self.name = f"nmbench-{uuid.uuid4().hex[:6]}"
         self.path = f"/var/run/netns/{self.name}"
 
@@ -71,7 +73,7 @@ class PodNetns:
         try:
             n = self.name
             sh("ip", "-n", n, "link", "set", "lo", "up")
-            sh("ip", "-n", n, "addr", "add", f"{POD_IP}/32", "dev", "lo")
+            sh("ip", "-n", n, "addr", "add", f"{self.ip}/32", "dev", "lo")
             sh("ip", "-n", n, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
             for dev in ("v0", "v1"):
                 sh("ip", "-n", n, "link", "set", dev, "up")
@@ -158,8 +160,14 @@ def http_get_in(netns: str, host: str, port: int) -> int:
 
 # --- our mesh ---------------------------------------------------------------------------------------
 
-def manifest(ns: PodNetns) -> str:
-    return f"""
+def manifest(ns: PodNetns, client: PodNetns | None = None) -> str:
+    extra = "" if client is None else f"""
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata: {{name: fe-1, namespace: shop, labels: {{app: frontend}}}}
+spec: {{node: node-2, serviceAccount: frontend, addresses: [{CLIENT_IP}], netns: {client.path}}}
+---"""
+    return extra + f"""
 apiVersion: nodemesh.io/v1alpha1
 kind: Workload
 metadata: {{name: web-1, namespace: shop, labels: {{app: web}}}}
@@ -198,7 +206,7 @@ class Mesh:
             raise RuntimeError(f"nodemesh {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()[-800:]}")
         return p.stdout
 
-    def start(self, ns: PodNetns) -> int:
+    def start(self, ns: PodNetns, client: PodNetns | None = None) -> int:
         """Start controller and agent; return the agent's pid once it serves the pod."""
         data = self.tmp / "controller"
         self.cli("controller", "init", "--data-dir", str(data), "--controller-url",
@@ -208,20 +216,39 @@ class Mesh:
                                       "--metrics-listen", f"127.0.0.1:{self.ctl_mport}"],
                        env=self.env, cwd=ROOT)
         self._wait(lambda: _https_ok(self.ctl_port, data / "ca" / "bundle.crt"), "controller", 30)
-        (self.tmp / "mesh.yaml").write_text(manifest(ns))
+        (self.tmp / "mesh.yaml").write_text(manifest(ns, client))
         self.cli("apply", "-f", str(self.tmp / "mesh.yaml"))
-        token = self.cli("token", "create", "--node", "node-1").strip()
-        (self.tmp / "token").write_text(token)
-        p = self.sup.start("agent", [PY, "-m", "controller.cli", "agent", "run", "--node", "node-1",
-                                     "--controller", f"https://127.0.0.1:{self.ctl_port}",
-                                     "--state-dir", str(self.tmp / "agent"),
-                                     "--admin", f"127.0.0.1:{self.admin}",
-                                     "--metrics", f"127.0.0.1:{self.metrics}",
-                                     "--ready", f"127.0.0.1:{self.ready}",
-                                     "--access-log", str(self.tmp / "access.log"),
-                                     "--ca", str(data / "ca" / "bundle.crt"), "--redirect", "iptables",
-                                     "--token", str(self.tmp / "token")],
+        return self.start_agent("node-1")
+
+    def start_agent(self, node: str) -> int:
+        """Join ``node`` with a fresh token and start its agent; its pid once it serves its pod."""
+        data = self.tmp / "controller"
+        token = self.cli("token", "create", "--node", node).strip()
+        (self.tmp / f"token-{node}").write_text(token)
+        name = "agent" if node == "node-1" else f"agent-{node}"
+        ready = self.ready if node == "node-1" else free_port()
+        admin = self.admin if node == "node-1" else free_port()
+        p = self.sup.start(name, [PY, "-m", "controller.cli", "agent", "run", "--node", node,
+                                  "--controller", f"https://127.0.0.1:{self.ctl_port}",
+                                  "--state-dir", str(self.tmp / name),
+                                  "--admin", f"127.0.0.1:{admin}",
+                                  "--metrics", f"127.0.0.1:{self.metrics if node == 'node-1' else free_port()}",
+                                  "--ready", f"127.0.0.1:{ready}",
+                                  "--access-log", str(self.tmp / f"access-{node}.log"),
+                                  "--ca", str(data / "ca" / "bundle.crt"), "--redirect", "iptables",
+                                  "--token", str(self.tmp / f"token-{node}")],
                            env=self.env, cwd=ROOT)
+        self._wait(lambda: _http_ok(ready, "/healthz/ready"), name, 60)
+        self._wait(lambda: _listening(admin), f"{name} listeners", 30)
+        return p.pid
+
+    def restart_agent(self) -> int:
+        """A fresh agent process (no token: it has joined already and serves from disk/controller)."""
+        argv = list(self.sup.specs["agent"][0])
+        if "--token" in argv:
+            i = argv.index("--token")
+            del argv[i:i + 2]
+        p = self.sup.restart("agent", argv)
         self._wait(lambda: _http_ok(self.ready, "/healthz/ready"), "agent", 60)
         self._wait(lambda: _listening(self.admin), "agent listeners", 30)
         return p.pid
@@ -270,6 +297,13 @@ def _listening(admin: int) -> bool:
 
 
 # --- the C baselines ----------------------------------------------------------------------------
+
+def restart_baseline(sup: Supervisor, ns: PodNetns, name: str) -> int:
+    pid = sup.restart(name).pid
+    wait_tcp(ns.name, *target_address(name, HTTP_PORT), timeout=20)
+    sup.check_alive(name)
+    return pid
+
 
 def start_baselines(sup: Supervisor, ns: PodNetns, tmp: Path, which: tuple[str, ...]) -> dict[str, int]:
     """Start the chosen baselines inside the pod netns; return their pids (the tree root)."""
