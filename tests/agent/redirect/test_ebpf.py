@@ -75,7 +75,7 @@ def _cgroup2() -> str:
     from agent.redirect.ebpf import cgroup2_mounts
     mounts = cgroup2_mounts()
     if not mounts:
-        pytest.skip("no cgroup2 mounted")
+        pytest.fail("no cgroup2 is mounted: the ebpf mode needs one (mount -t cgroup2 none /sys/fs/cgroup/unified)")
     return mounts[0]
 
 
