@@ -40,6 +40,7 @@ class CertificateAuthority:
 
     def reload(self) -> None:
         signer_cert, signer_key, bundle, _ = self._paths
+        self._recover()
         self.issuer = pki.load_issuer(signer_cert, signer_key)
         self.anchors = pki.load_certs(bundle)
         self._bundle_pem = bundle.read_bytes()
@@ -55,7 +56,7 @@ class CertificateAuthority:
 
     def bundle_pem(self, now: dt.datetime) -> bytes:
         """The trust bundle: the anchors, less retired roots whose grace period is over."""
-        over = {pki.serial_hex(c) for c, until in self._retired_roots if until <= now}
+        over = {pki.serial_hex(c) for c, until in self._retired_roots if until <= now} - {self.issuer_serial}
         if not over:
             return self._bundle_pem
         return b"".join(pki.cert_pem(c) for c in self.anchors if pki.serial_hex(c) not in over)
@@ -81,17 +82,43 @@ class CertificateAuthority:
         entries = [(c, until) for c, until in self._retired_roots if until > now]
         entries.append((old, max(old_valid_until, now)))
         new = pki.create_root(common_name, now=now, ttl=ROOT_TTL)
-        # Order matters for a crash: retired list first (old root still trusted), then the new
-        # signer and bundle. A crash between leaves the old root signing, which is safe.
+        # Crash-safe order: the old root is listed as retired (still trusted) first; the new
+        # signer is staged next to the live files; then _finish swaps them in. reload() finishes
+        # a staged rotation, or drops a half-staged one (the old root keeps signing, trusted).
         pki.write_file(retired, yaml.safe_dump([
             {"until": until.strftime("%Y-%m-%dT%H:%M:%SZ"), "cert": pki.cert_pem(c).decode()}
             for c, until in entries]).encode(), secret=False)
-        pki.write_file(signer_key, pki.key_pem(new.key), secret=True)
-        pki.write_file(signer_cert, pki.cert_pem(new.cert), secret=False)
-        kept = [c for c in self.anchors if pki.serial_hex(c) in {pki.serial_hex(o) for o, _ in entries}]
-        pki.write_file(bundle, b"".join(pki.cert_pem(c) for c in [new.cert, *kept]), secret=False)
+        pki.write_file(_staged(signer_cert), pki.cert_pem(new.cert), secret=False)
+        pki.write_file(_staged(signer_key), pki.key_pem(new.key), secret=True)
+        self._finish()
         self.reload()
         return new
+
+    def _finish(self) -> None:
+        """Swap a staged signer in (key, then certificate) and rebuild the bundle file."""
+        signer_cert, signer_key, bundle, _ = self._paths
+        if _staged(signer_key).exists():
+            _staged(signer_key).replace(signer_key)
+        _staged(signer_cert).replace(signer_cert)
+        new = pki.load_cert(signer_cert)
+        keep = {pki.serial_hex(c) for c, _ in self._read_retired()}
+        kept = [c for c in pki.load_certs(bundle) if pki.serial_hex(c) in keep and c != new]
+        pki.write_file(bundle, b"".join(pki.cert_pem(c) for c in [new, *kept]), secret=False)
+
+    def _recover(self) -> None:
+        """After a crash during ``rotate``: finish it if the new signer was fully staged."""
+        signer_cert, signer_key, _, _ = self._paths
+        cert, key = _staged(signer_cert), _staged(signer_key)
+        if not cert.exists():
+            key.unlink(missing_ok=True)
+            return
+        staged = pki.load_cert(cert)
+        live_key = key if key.exists() else signer_key
+        if staged.public_key().public_numbers() == pki.load_key(live_key).public_key().public_numbers():
+            self._finish()
+        else:
+            cert.unlink()
+            key.unlink(missing_ok=True)
 
     def retired(self) -> list[tuple[Certificate, dt.datetime]]:
         """Roots replaced by rotation, with the time until which they stay trusted."""
@@ -106,3 +133,7 @@ class CertificateAuthority:
             until = dt.datetime.strptime(entry["until"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
             out.append((pki.cert_from_pem(entry["cert"].encode()), until))
         return out
+
+
+def _staged(path: Path) -> Path:
+    return path.with_name(path.name + ".new")
