@@ -68,31 +68,59 @@ class CertificateAuthority:
         chain = pki.cert_pem(cert) + (b"" if self.self_signed else pki.cert_pem(self.issuer.cert))
         return Signed(cert, chain, self.bundle_pem(now), self.issuer_serial)
 
-    def rotate(self, *, now: dt.datetime, old_valid_until: dt.datetime, common_name: str) -> pki.Issuer:
-        """Make a new root the signer; the old one stays trusted until ``old_valid_until``.
+    def rotate(self, *, now: dt.datetime, activate_at: dt.datetime, common_name: str) -> Certificate:
+        """Start a rotation: a new root is trusted from now (it joins the bundle) and signs from
+        ``activate_at``, once every agent has fetched the new bundle — so a new-root certificate
+        never meets a peer that does not trust it yet. ``activate`` completes it.
 
         Only for a self-signed CA made by ``controller init`` (a user's intermediate is rotated
-        by the user). Returns the new issuer; callers re-issue the controller's own certificates.
+        by the user). Returns the new root. Crash-safe order: the new signer is staged beside the
+        live files, the bundle gains the new root, and ``ca/rotation.yaml`` (the commit point)
+        comes last; ``reload`` drops a rotation that did not reach it.
         """
         if not self.self_signed:
             raise pki.PkiError("this controller signs with an intermediate of your own CA; rotate it "
                                "there and restart with the new --ca-cert/--ca-key")
-        signer_cert, signer_key, bundle, retired = self._paths
-        old = self.issuer.cert
-        entries = [(c, until) for c, until in self._retired_roots if until > now]
-        entries.append((old, max(old_valid_until, now)))
+        if self.pending() is not None:
+            raise pki.PkiError(f"a rotation is already under way: root {pki.serial_hex(self.pending()[0])} "
+                               f"signs from {self.pending()[1]:%Y-%m-%dT%H:%M:%SZ}")
+        signer_cert, signer_key, bundle, _ = self._paths
         new = pki.create_root(common_name, now=now, ttl=ROOT_TTL)
-        # Crash-safe order: the old root is listed as retired (still trusted) first; the new
-        # signer is staged next to the live files; then _finish swaps them in. reload() finishes
-        # a staged rotation, or drops a half-staged one (the old root keeps signing, trusted).
-        pki.write_file(retired, yaml.safe_dump([
-            {"until": until.strftime("%Y-%m-%dT%H:%M:%SZ"), "cert": pki.cert_pem(c).decode()}
-            for c, until in entries]).encode(), secret=False)
         pki.write_file(_staged(signer_cert), pki.cert_pem(new.cert), secret=False)
         pki.write_file(_staged(signer_key), pki.key_pem(new.key), secret=True)
-        self._finish()
+        pki.write_file(bundle, self._bundle_pem.rstrip(b"\n") + b"\n" + pki.cert_pem(new.cert), secret=False)
+        pki.write_file(self._rotation, yaml.safe_dump({"activateAt": _iso(activate_at)}).encode(), secret=False)
         self.reload()
-        return new
+        return new.cert
+
+    def pending(self) -> tuple[Certificate, dt.datetime] | None:
+        """The staged root of a rotation under way and when it starts signing, or None."""
+        if not self._rotation.exists():
+            return None
+        at = _parse(yaml.safe_load(self._rotation.read_text())["activateAt"])
+        return pki.load_cert(_staged(self._paths[0])), at
+
+    def activate(self, *, now: dt.datetime, old_valid_until: dt.datetime) -> pki.Issuer | None:
+        """If a pending rotation is due, make its root the signer; the old root stays trusted
+        until ``old_valid_until`` (the last expiry of what it signed). Returns the new issuer."""
+        pending = self.pending()
+        if pending is None or now < pending[1]:
+            return None
+        signer_cert, signer_key, _, retired = self._paths
+        old = self.issuer.cert
+        entries = [(c, until) for c, until in self._retired_roots
+                   if until > now and pki.serial_hex(c) != pki.serial_hex(old)]
+        entries.append((old, max(old_valid_until, now)))
+        pki.write_file(retired, yaml.safe_dump([{"until": _iso(until), "cert": pki.cert_pem(c).decode()}
+                                                for c, until in entries]).encode(), secret=False)
+        self._finish()
+        self._rotation.unlink()
+        self.reload()
+        return self.issuer
+
+    @property
+    def _rotation(self) -> Path:
+        return self._paths[0].with_name("rotation.yaml")
 
     def _finish(self) -> None:
         """Swap a staged signer in (key, then certificate) and rebuild the bundle file."""
@@ -106,18 +134,21 @@ class CertificateAuthority:
         pki.write_file(bundle, b"".join(pki.cert_pem(c) for c in [new, *kept]), secret=False)
 
     def _recover(self) -> None:
-        """After a crash during ``rotate``: finish it if the new signer was fully staged."""
+        """After a crash: finish an activation that had begun swapping; drop a rotation that
+        never reached its commit point; keep a committed one pending."""
         signer_cert, signer_key, _, _ = self._paths
         cert, key = _staged(signer_cert), _staged(signer_key)
         if not cert.exists():
             key.unlink(missing_ok=True)
+            self._rotation.unlink(missing_ok=True)    # activation finished, only the marker was left
             return
         staged = pki.load_cert(cert)
-        live_key = key if key.exists() else signer_key
-        if staged.public_key().public_numbers() == pki.load_key(live_key).public_key().public_numbers():
-            self._finish()
-        else:
-            cert.unlink()
+        if not key.exists() and staged.public_key().public_numbers() == \
+                pki.load_key(signer_key).public_key().public_numbers():
+            self._finish()                             # the key was swapped, the certificate not yet
+            self._rotation.unlink(missing_ok=True)
+        elif not self._rotation.exists():
+            cert.unlink()                              # never committed: the old root signs on
             key.unlink(missing_ok=True)
 
     def retired(self) -> list[tuple[Certificate, dt.datetime]]:
@@ -130,9 +161,17 @@ class CertificateAuthority:
             return []
         out = []
         for entry in yaml.safe_load(path.read_text()) or []:
-            until = dt.datetime.strptime(entry["until"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+            until = _parse(entry["until"])
             out.append((pki.cert_from_pem(entry["cert"].encode()), until))
         return out
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse(s: str) -> dt.datetime:
+    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
 
 
 def _staged(path: Path) -> Path:

@@ -132,8 +132,8 @@ class Client:
     def create_token(self, node: str, ttl_seconds: float) -> dict:
         return self._call("POST", f"{PREFIX}/tokens", json={"node": node, "ttlSeconds": ttl_seconds})
 
-    def rotate_ca(self) -> dict:
-        return self._call("POST", f"{PREFIX}/ca/rotate", json={})
+    def rotate_ca(self, propagation_seconds: float = 60.0) -> dict:
+        return self._call("POST", f"{PREFIX}/ca/rotate", json={"propagationSeconds": propagation_seconds})
 
     def status(self) -> dict:
         return self._call("GET", f"{PREFIX}/status")

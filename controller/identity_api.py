@@ -28,6 +28,7 @@ log = logging.getLogger("nodemesh.identity")
 
 NODE_CERT_TTL = dt.timedelta(days=7)
 DEFAULT_TOKEN_TTL = 3600.0
+DEFAULT_PROPAGATION = 60.0   # s; agents refresh their trust bundle every 30 s
 MAX_TOKEN_TTL = 7 * 86400.0
 
 
@@ -134,6 +135,7 @@ class IdentityApi:
         return dt.timedelta(seconds=api.parse_duration(ttl))
 
     async def _sign(self, csr: pki.Csr, node: str, ttl: dt.timedelta, label: str) -> dict:
+        await self.activate_due()
         now = self.now()
         signed = self.ca.sign(csr, now=now, ttl=ttl, common_name=label)
         cert = signed.cert
@@ -147,25 +149,48 @@ class IdentityApi:
     # --- bundle, rotation, status ------------------------------------------------------------
 
     async def trust_bundle(self, req: Request, caller: auth.Caller) -> Response:
+        await self.activate_due()
         return Response.json(200, {"trustBundle": self.ca.bundle_pem(self.now()).decode()})
 
     async def rotate(self, req: Request, caller: auth.Caller) -> Response:
-        """New root signs from now on; the old one stays trusted until its last leaf expires."""
+        """A new root is trusted now and signs after ``propagationSeconds`` (default 60 s, twice the
+        agents' bundle refresh), so no agent meets a new-root certificate before it trusts it."""
+        body = _object(req)
+        delay = body.get("propagationSeconds", DEFAULT_PROPAGATION)
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay <= 86400:
+            raise HttpError(422, "Invalid", f"propagationSeconds: must be between 0 and 86400, got {delay!r}")
         now = self.now()
-        old = self.ca.issuer
-        last = await trio.to_thread.run_sync(self.ledger.last_expiry_by, self.ca.issuer_serial)
-        until = max(dt.datetime.fromtimestamp(last, dt.timezone.utc) if last else now, now)
+        old = self.ca.issuer.cert
         try:
-            new = self.ca.rotate(now=now, old_valid_until=until,
+            new = self.ca.rotate(now=now, activate_at=now + dt.timedelta(seconds=delay),
                                  common_name=f"nodemesh root CA {self.trust_domain} {now:%Y-%m-%d %H:%M:%S}")
         except pki.PkiError as e:
             raise HttpError(409, "Conflict", str(e)) from None
+        self.on_rotate()
+        log.warning("CA rotation started by %s: new root %s trusted now, signs from %s", caller,
+                    pki.serial_hex(new), _iso(now + dt.timedelta(seconds=delay)))
+        await self.activate_due()
+        return Response.json(200, {"root": pki.serial_hex(new), "retiredRoot": pki.serial_hex(old),
+                                   "signsFrom": _iso(now + dt.timedelta(seconds=delay)),
+                                   "active": self.ca.issuer_serial == pki.serial_hex(new)})
+
+    async def activate_due(self) -> None:
+        """Finish a pending rotation whose time has come: the new root signs, the controller's
+        own certificates are re-issued from it, the old root stays trusted until its last leaf expires."""
+        pending = self.ca.pending()
+        now = self.now()
+        if pending is None or now < pending[1]:
+            return
+        old = self.ca.issuer_serial
+        last = await trio.to_thread.run_sync(self.ledger.last_expiry_by, old)
+        until = max(dt.datetime.fromtimestamp(last, dt.timezone.utc) if last else now, now)
+        new = self.ca.activate(now=now, old_valid_until=until)
+        if new is None:
+            return
         datadir.issue_own_certificates(self.d, new, self.settings, now=now)
         self.on_rotate()
-        log.warning("CA rotated by %s: new root %s; old root %s trusted until %s", caller,
-                    pki.serial_hex(new.cert), pki.serial_hex(old.cert), _iso(until))
-        return Response.json(200, {"root": pki.serial_hex(new.cert), "retiredRoot": pki.serial_hex(old.cert),
-                                   "retiredRootTrustedUntil": _iso(until)})
+        log.warning("CA rotation done: root %s signs now; old root %s trusted until %s",
+                    pki.serial_hex(new.cert), old, _iso(until))
 
     async def node_status(self, req: Request, caller: auth.Caller) -> Response:
         """An agent reports the resourceVersion it serves, whether it is ready, and its last error."""
@@ -211,6 +236,8 @@ class IdentityApi:
             "certificates": [{"name": name, "serial": pki.serial_hex(c), "expires": _iso(c.not_valid_after_utc)}
                              for name, c in own],
             "retiredRoots": [{"serial": pki.serial_hex(c), "trustedUntil": _iso(u)} for c, u in self.ca.retired()],
+            "pendingRoot": ({"serial": pki.serial_hex(self.ca.pending()[0]), "signsFrom": _iso(self.ca.pending()[1])}
+                            if self.ca.pending() else None),
         })
 
 

@@ -56,20 +56,28 @@ def ca() -> None:
 
 
 @ca.command("rotate")
+@click.option("--propagation", default="60s", show_default=True,
+              help="How long the new root is only trusted before it signs (agents fetch the bundle every 30s).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @connection_options
-def ca_rotate(yes, controller, ca, cert, key, config):
-    """Make a new root sign from now on; the old root stays trusted until its last certificate expires.
+def ca_rotate(propagation, yes, controller, ca, cert, key, config):
+    """Rotate the mesh root CA without breaking traffic.
 
-    Traffic keeps flowing: the trust bundle carries both roots meanwhile. The controller's own
-    server certificate and the admin credential are re-issued from the new root.
+    The new root is trusted at once and signs after --propagation; the old root stays trusted
+    until the last certificate it signed expires. The controller's server certificate and the
+    admin credential are re-issued from the new root when it starts signing.
     """
+    try:
+        seconds = api.parse_duration(propagation)
+    except api.InvalidDuration as e:
+        raise click.BadParameter(str(e), param_hint="--propagation") from None
     if not yes:
         click.confirm("Rotate the mesh root CA now?", abort=True)
     with open_client(controller, ca, cert, key, config) as c:
-        reply = _call(c.rotate_ca)
-    click.echo(f"new root {reply['root']} signs from now on; old root {reply['retiredRoot']} "
-               f"stays trusted until {reply['retiredRootTrustedUntil']}")
+        reply = _call(c.rotate_ca, seconds)
+    when = "now" if reply["active"] else f"from {reply['signsFrom']}"
+    click.echo(f"new root {reply['root']} is trusted now and signs {when}; old root {reply['retiredRoot']} "
+               "stays trusted until the last certificate it signed expires (see nodemesh status)")
 
 
 @click.command()
@@ -87,6 +95,10 @@ def status(output, controller, ca, cert, key, config):
                f"resourceVersion {s['resourceVersion']}")
     for cert_ in s["certificates"]:
         click.echo(f"  {cert_['name']:<13} {until(cert_['expires'])}")
+    for r in s.get("retiredRoots") or []:
+        click.echo(f"  retired root {r['serial']} trusted until {r['trustedUntil']}")
+    if s.get("pendingRoot"):
+        click.echo(f"  rotation under way: root {s['pendingRoot']['serial']} signs from {s['pendingRoot']['signsFrom']}")
     if not s["nodes"]:
         click.echo("nodes: none has joined yet (nodemesh token create --node NAME)")
         return

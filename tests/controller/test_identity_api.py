@@ -182,8 +182,9 @@ async def test_rotation_keeps_old_and_new_certificates_talking(controller, tmp_p
     old_pem = r.json()["certificate"]
     old_root_serial = format(leaf(r.json()["trustBundle"]).serial_number, "x")
 
-    reply = await controller.call(c.rotate_ca)
+    reply = await controller.call(c.rotate_ca, 0)
     assert reply["retiredRoot"] == old_root_serial
+    assert reply["active"]
     # The admin credential and the API certificate were re-issued from the new root, and the CLI
     # (which verifies with ca/bundle.crt) still works.
     c2 = controller.client()
@@ -273,3 +274,22 @@ def _intermediate(root, key, now):
                                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
             .sign(root.key, hashes.SHA256()))
+
+
+async def test_a_new_root_is_trusted_before_it_signs(controller, tmp_path):
+    c = controller.client()
+    await controller.call(c.apply, [MESH, workload("web-1", "node-1")])
+    agent = Agent(controller, tmp_path, "node-1")
+    await trio.to_thread.run_sync(agent.join, await token_for(controller, "node-1"))
+    reply = await controller.call(c.rotate_ca, 3600)
+    assert not reply["active"]
+    r, _ = await trio.to_thread.run_sync(agent.sign, WEB)
+    bundle = x509.load_pem_x509_certificates(r.json()["trustBundle"].encode())
+    assert [format(b.serial_number, "x") for b in bundle][-1] == reply["root"]      # trusted already ...
+    issuer_serials = [format(b.serial_number, "x") for b in bundle if b.subject == leaf(r.json()["certificate"]).issuer]
+    assert issuer_serials == [reply["retiredRoot"]]                                  # ... the old root still signs
+    s = await controller.call(c.status)
+    assert s["pendingRoot"]["serial"] == reply["root"]
+    with pytest.raises(client.ApiStatusError) as e:
+        await controller.call(c.rotate_ca, 0)
+    assert e.value.code == 409 and "already under way" in str(e.value)

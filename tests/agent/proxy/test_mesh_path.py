@@ -289,7 +289,7 @@ async def test_root_rotation_mid_traffic(mesh, controller):
         s = await node1.connect("client-1", (VIP, 80))
         assert await round_trip(s, b"before") == b"before"
         admin = controller.client()
-        await controller.call(admin.rotate_ca)
+        await controller.call(admin.rotate_ca, 0)   # no propagation delay: the test pushes bundles itself
         for node in (node1, node2):            # what the agent's bundle refresh does
             node.identity.update_bundle(await node.cp.trust_bundle())
         node2.identity.forget(WEB)             # web-1 now gets a new-root certificate ...
