@@ -105,7 +105,7 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             if not status.synced:
                 return False, "no configuration yet (waiting for the controller)"
             if certs.errors:
-                return False, "no certificate for " + ", ".join(f"{u} ({e})" for u, e in certs.errors.items())
+                return False, "not in place: " + "; ".join(f"{what}: {e}" for what, e in certs.errors.items())
             if not listeners.ready(holder.current):
                 failed = {k: v.error for k, v in listeners.status().items() if v.error}
                 return False, f"listeners not open: {failed or 'opening'}"
@@ -180,13 +180,13 @@ async def _follow_snapshots(holder: StateHolder, listeners: Listeners, pools: Po
         for uri in sorted(wanted):
             try:
                 await identity.certified(uri)
-                certs.errors.pop(uri, None)
+                certs.errors.pop(f"certificate {uri}", None)
             except IdentityError as e:
-                certs.errors[uri] = str(e)
+                certs.errors[f"certificate {uri}"] = str(e)
                 log.warning("no certificate for %s yet: %s", uri, e)
         for uri in held - wanted:
             identity.forget(uri)
-            certs.errors.pop(uri, None)
+            certs.errors.pop(f"certificate {uri}", None)
         held = wanted
         local = {(w.metadata.namespace, w.metadata.name): w for w in snap.local_workloads}
         for key, w in list(enrolled.items()):   # unenrol before the listeners close
