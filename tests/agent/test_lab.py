@@ -289,9 +289,12 @@ def test_mesh_end_to_end_through_the_lab(lab_run, redirect):
     assert inbound, lines
     assert inbound[-1]["src"]["identity"] == demo.spiffe_id("client")
     assert inbound[-1]["security"] == "mutual_tls" and inbound[-1]["decision"]["result"] == "allow"
-    node1 = [json.loads(line) for line in (run / "logs" / "access-node-1.log").read_text().splitlines()]
-    assert any(r["decision"]["result"] == "deny" and r["src"]["workload"] == "web-1"
-               and r["dst"]["service"] and r["dst"]["service"].startswith("echo") for r in node1), node1
+
+    def denied_logged():   # the line is written as the handler finishes, maybe after bash saw the reset
+        node1 = [json.loads(line) for line in (run / "logs" / "access-node-1.log").read_text().splitlines()]
+        return any(r["decision"]["result"] == "deny" and r["src"]["workload"] == "web-1"
+                   and r["dst"]["service"] and r["dst"]["service"].startswith("echo") for r in node1)
+    until(denied_logged, "node-1's access log records web-1 -> echo as denied", timeout=10)
     lab("down", run=run)
     assert_clean(run, before, pids)      # the redirect hooks (rules, BPF attachments) went too
 
