@@ -248,9 +248,16 @@ async def test_agent_joins_serves_hbone_enforces_policy_and_restarts_from_disk(s
     assert f"redirect mode in force: {agent.redirect}" in doctor
     assert "shop/web-1: listeners [15001, 15006, 15008]" in doctor and "FAIL" not in doctor, doctor
 
-    lines = [json.loads(l) for l in (tmp_path / "access.log").read_text().splitlines()]
-    assert any(l["decision"]["result"] == "allow" and l["src"]["identity"] == CLIENT_URI for l in lines)
-    assert any(l["decision"]["policy"] == "shop/deny-frontend" and l["decision"]["result"] == "deny" for l in lines)
+    deadline = time.monotonic() + 10   # lines are written as each connection's handler finishes
+    while True:
+        lines = [json.loads(l) for l in (tmp_path / "access.log").read_text().splitlines()]
+        allowed = any(l["decision"]["result"] == "allow" and l["src"]["identity"] == CLIENT_URI for l in lines)
+        denied = any(l["decision"]["policy"] == "shop/deny-frontend" and l["decision"]["result"] == "deny"
+                     for l in lines)
+        if (allowed and denied) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert allowed and denied, lines
     metrics = agent.get("/metrics", agent.metrics).text
     assert re.search(r"nodemesh_policy_denials_total\{[^}]*policy=\"shop/deny-frontend\"", metrics), metrics
     assert "nodemesh_certificate_expiry_timestamp_seconds{identity=\"" + WEB_URI in metrics
