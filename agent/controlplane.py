@@ -73,13 +73,7 @@ class ControlPlane:
 
     async def trust_domain(self) -> str:
         """The mesh's trust domain, from the (anonymous) health endpoint: needed to ask for a node identity."""
-        try:
-            r = await self._client.get("/healthz")
-        except httpx.TransportError as e:
-            raise Unreachable(f"controller {self.url}: {e or type(e).__name__}") from None
-        if r.status_code != 200:
-            raise _refused(r)
-        return r.json()["trustDomain"]
+        return (await self._call("GET", "/healthz", prefix=""))["trustDomain"]
 
     async def join(self, token: str, csr_pem: bytes) -> Signed:
         r = await self._call("POST", "/join", json={"token": token, "csr": csr_pem.decode()})
@@ -110,9 +104,9 @@ class ControlPlane:
         except httpx.TransportError as e:
             raise Unreachable(f"controller {self.url}: {e or type(e).__name__}") from None
 
-    async def _call(self, method: str, path: str, **kw) -> dict:
+    async def _call(self, method: str, path: str, *, prefix: str = PREFIX, **kw) -> dict:
         try:
-            r = await self._client.request(method, PREFIX + path, **kw)
+            r = await self._client.request(method, prefix + path, **kw)
         except httpx.TransportError as e:
             raise Unreachable(f"controller {self.url}: {e or type(e).__name__}") from None
         if r.status_code >= 400:

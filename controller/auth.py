@@ -14,7 +14,6 @@ from cryptography import x509
 
 from controller import pki
 from controller.api import spiffe
-from controller.api.spiffe import admin_uri, controller_uri, node_uri  # noqa: F401 (re-exported)
 
 
 class Role(enum.Enum):

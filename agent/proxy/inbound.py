@@ -64,21 +64,16 @@ class Delivery:
         return decision
 
     async def dial(self, workload: Workload, port: int, rec: ConnRecord) -> trio.SocketStream:
-        address = workload.spec.addresses[0]
-        rec.dst_address = f"{address}:{port}"
-        try:
-            with trio.fail_after(self.connect_timeout):
-                return await self.connect_in(workload.spec.netns or None, address, port,
-                                             timeout=self.connect_timeout)
-        except (OSError, trio.TooSlowError, ProxyError) as e:
-            rec.flags, rec.error = "UF", f"connect to {address}:{port} failed: {e or type(e).__name__}"
-            raise
+        """Dial a local workload's port from inside its own netns (its first address)."""
+        return await self.dial_address(workload, workload.spec.addresses[0], port, rec)
 
-    async def dial_address(self, source: Workload, ip: str, port: int, rec: ConnRecord) -> trio.SocketStream:
-        """Passthrough: dial ``ip:port`` from the source workload's netns, as it would have."""
+    async def dial_address(self, where: Workload, ip: str, port: int, rec: ConnRecord) -> trio.SocketStream:
+        """Dial ``ip:port`` from ``where``'s netns (the destination's for delivery, the source's for
+        passthrough); a failure is recorded in ``rec`` (flag UF) and re-raised."""
+        rec.dst_address = f"{ip}:{port}"
         try:
             with trio.fail_after(self.connect_timeout):
-                return await self.connect_in(source.spec.netns or None, ip, port, timeout=self.connect_timeout)
+                return await self.connect_in(where.spec.netns or None, ip, port, timeout=self.connect_timeout)
         except (OSError, trio.TooSlowError, ProxyError) as e:
             rec.flags, rec.error = "UF", f"connect to {ip}:{port} failed: {e or type(e).__name__}"
             raise

@@ -1,13 +1,13 @@
 """origdst.py: where a redirected connection was going — ``SO_ORIGINAL_DST`` (iptables REDIRECT).
 
-The eBPF redirect mode answers the same question from its map instead (bpf/, issue 5).
+The eBPF redirect mode answers the same question from its map instead (ebpf.py); both are
+reached through ``Redirector.original_destination``.
 """
 from __future__ import annotations
 
 import socket
 import struct
 
-import trio
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 
@@ -25,7 +25,3 @@ def so_original_dst(sock: socket.socket) -> tuple[str, int]:
     port, packed = struct.unpack_from("!2xH4s", raw)
     return socket.inet_ntoa(packed), port
 
-
-async def original_destination(workload, stream: trio.SocketStream) -> tuple[str, int]:
-    """The proxy's resolver: the original destination of an accepted, redirected connection."""
-    return so_original_dst(stream.socket)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from controller.api import spiffe
 from controller import app, auth, client, datadir, pki
 
 
@@ -65,5 +66,5 @@ async def controller(data_dir, nursery) -> Running:
 
 
 TD = "cluster.local"
-NODE_URI = auth.node_uri(TD, "node-1")
+NODE_URI = spiffe.node_uri(TD, "node-1")
 WORKLOAD_URI = "spiffe://cluster.local/ns/shop/sa/web"

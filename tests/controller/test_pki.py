@@ -7,6 +7,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from controller.api import spiffe
 from controller import auth, pki
 
 NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
@@ -59,10 +60,10 @@ def test_callers_are_told_apart_by_uri_san():
         c = pki.issue(root, pki.generate_key().public_key(), now=NOW, ttl=dt.timedelta(hours=1), uris=(uri,))
         return c.public_bytes(serialization.Encoding.DER)
 
-    assert auth.caller_from_cert(der(auth.admin_uri("cluster.local", "alice")), "cluster.local") == auth.Caller(auth.Role.ADMIN, "alice")
-    assert auth.caller_from_cert(der(auth.node_uri("cluster.local", "n1")), "cluster.local") == auth.Caller(auth.Role.NODE, "n1")
+    assert auth.caller_from_cert(der(spiffe.admin_uri("cluster.local", "alice")), "cluster.local") == auth.Caller(auth.Role.ADMIN, "alice")
+    assert auth.caller_from_cert(der(spiffe.node_uri("cluster.local", "n1")), "cluster.local") == auth.Caller(auth.Role.NODE, "n1")
     # Another trust domain's admin is nobody here.
-    assert auth.caller_from_cert(der(auth.admin_uri("evil.org", "alice")), "cluster.local").role is auth.Role.ANONYMOUS
+    assert auth.caller_from_cert(der(spiffe.admin_uri("evil.org", "alice")), "cluster.local").role is auth.Role.ANONYMOUS
     with pytest.raises(auth.AuthError) as e:
         auth.authorize(auth.Caller(auth.Role.NODE, "n1"), auth.Verb.WRITE)
     assert e.value.code == 403
