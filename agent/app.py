@@ -30,6 +30,7 @@ from agent.observe.metrics import AgentMetrics
 from agent.observe.telemetry import Telemetry
 from agent.proxy.connections import Registry
 from agent.proxy.inbound import Delivery, Inbound
+from agent.proxy.splice import SpliceEngine
 from agent.proxy.listeners import Handlers, Listeners
 from agent.proxy.outbound import Outbound, Pools
 from agent.redirect.netns import connect_in
@@ -92,7 +93,8 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
     metrics = AgentMetrics(cert_expiry=identity.expiries, config_version=lambda: status.version,
                            config_rejected=lambda: status.rejected_total)
     telemetry = Telemetry(metrics, access)
-    delivery = Delivery(holder, registry, telemetry, connect_in, cfg.connect_timeout)
+    engine = SpliceEngine()
+    delivery = Delivery(holder, registry, telemetry, connect_in, cfg.connect_timeout, engine)
     inbound = Inbound(delivery, identity, redirector.original_destination)
 
     async with trio.open_nursery() as nursery:
@@ -115,6 +117,7 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 return False, f"redirect not in place yet for {', '.join(missing)}"
             return True, f"serving version {status.version}"
 
+        await nursery.start(engine.run)
         await nursery.start(identity.run)
         await nursery.start(registry.run, holder)
         await nursery.start(listeners.run)

@@ -21,6 +21,7 @@ from agent.proxy.connections import Live, Registry
 from agent.proxy.hbone import ConnectRequest, HboneError, serve_hbone
 from agent.proxy.plan import ConnRecord
 from agent.proxy.relay import RelayCounters, RelayError, abort, relay
+from agent.proxy.splice import SpliceEngine
 from agent.state import Snapshot, StateHolder
 from controller.api import InvalidSpiffeId, SpiffeId, Workload, parse_spiffe_id
 
@@ -45,6 +46,16 @@ class Delivery:
     telemetry: object                  # .opened(rec) / .closed(rec); see agent/observe
     connect_in: ConnectIn
     connect_timeout: float = 5.0
+    engine: SpliceEngine | None = None   # socket-to-socket relays; None: all through relay.relay
+
+    async def relay(self, a: trio.abc.Stream, b: trio.abc.Stream, counters: RelayCounters) -> None:
+        """Relay ``a`` <-> ``b``: two TCP sockets through the splice engine (the kernel copies,
+        no trio turn per message), anything else (an HBONE stream) through ``relay.relay``."""
+        if (self.engine is not None and isinstance(a, trio.SocketStream)
+                and isinstance(b, trio.SocketStream)):
+            await self.engine.relay(a, b, counters=counters)
+        else:
+            await relay(a, b, counters=counters)
 
     def decide(self, snap: Snapshot, workload: Workload, port: int, source: SpiffeId | None,
                source_ip: str, rec: ConnRecord) -> Allow:
@@ -86,7 +97,7 @@ class Delivery:
         live = Live((workload.metadata.namespace, workload.metadata.name), port, source, source_ip, scope)
         try:
             with self.registry.track(live), scope:
-                await relay(client, upstream, counters=counters)
+                await self.relay(client, upstream, counters)
         except RelayError as e:
             rec.error = f"{e.reason} ({e.direction})"
         finally:

@@ -22,7 +22,7 @@ from agent.proxy import ProxyError
 from agent.proxy.hbone import HBONE_PORT, ConnectRefused, HboneError, HbonePool, open_hbone_pool
 from agent.proxy.inbound import Delivery, Denied, OrigDst
 from agent.proxy.plan import ConnRecord, NoRoute, Passthrough, Upstream, plan_outbound
-from agent.proxy.relay import RelayCounters, RelayError, abort, relay
+from agent.proxy.relay import RelayCounters, RelayError, abort
 from agent.state import Endpoint, Snapshot
 from controller.api import SpiffeId, Workload
 
@@ -179,7 +179,7 @@ class Outbound:
     async def _relay(self, client, upstream, rec: ConnRecord) -> None:
         counters = RelayCounters()
         try:
-            await relay(client, upstream, counters=counters)
+            await self.delivery.relay(client, upstream, counters)
         except RelayError as e:
             rec.error = f"{e.reason} ({e.direction})"
         finally:

@@ -1,0 +1,347 @@
+"""splice.py: the plaintext relay engine — bytes between two TCP sockets moved by the kernel
+(``splice(2)`` through a pipe per direction), driven by one thread with its own epoll, off the
+trio loop.
+
+Owns that thread, its epoll set, a pool of pipes, half-close, failure and byte counting for the
+socket pairs handed to it. Knows nothing of what the bytes are, of identities or of policy, and
+never closes the sockets: they stay the caller's, as with ``relay.relay`` (whose contract
+``SpliceEngine.relay`` keeps). Why: trio pays a try / EAGAIN / wait / retry and a task switch
+per ``recv``/``send``; here a 1 KB message costs one ``epoll_wait`` turn and two ``splice``
+calls, and bulk data never enters Python (BENCHMARKS.md, scenario a and d).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import select
+import socket
+import threading
+from collections import deque
+
+import trio
+
+from agent.proxy.relay import RelayCounters, RelayError, RelayResult, abort, relay
+
+log = logging.getLogger("nodemesh.agent.splice")
+
+CHUNK = 1 << 20            # the most one splice() may move; a pipe holds 64 KiB by default
+PIPE_SIZE = 256 * 1024     # F_SETPIPE_SZ: bulk moves in 256 KiB bites (ztunnel's largest read)
+PIPE_POOL = 64             # empty pipes kept for reuse
+_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_BAD = select.EPOLLERR | select.EPOLLHUP
+_F_SETPIPE_SZ = 1031
+
+
+class _Cancelled(Exception):
+    """The trio side asked for the pair to be dropped (cancellation, shutdown)."""
+
+
+class _DirectionError(Exception):
+    def __init__(self, direction: str, error: OSError) -> None:
+        super().__init__(direction, error)
+        self.direction, self.error = direction, error
+
+
+class _Direction:
+    """One way of a pair: src -> pipe -> dst. ``pipe`` is held only while bytes are in it."""
+
+    __slots__ = ("src", "dst", "name", "pipe", "pending", "eof", "done")
+
+    def __init__(self, src: int, dst: int, name: str) -> None:
+        self.src, self.dst, self.name = src, dst, name
+        self.pipe: tuple[int, int] | None = None
+        self.pending = 0          # bytes in the pipe, not yet written to dst
+        self.eof = False          # src said EOF
+        self.done = False         # EOF passed on (dst shut for writing)
+
+
+class _Pair:
+    __slots__ = ("a", "b", "socks", "ab", "ba", "counters", "masks", "finish", "error", "closed")
+
+    def __init__(self, a: trio.SocketStream, b: trio.SocketStream, counters: RelayCounters,
+                 finish) -> None:
+        self.socks = {a.socket.fileno(): a.socket, b.socket.fileno(): b.socket}
+        self.a, self.b = a.socket.fileno(), b.socket.fileno()
+        self.ab, self.ba = _Direction(self.a, self.b, "a_to_b"), _Direction(self.b, self.a, "b_to_a")
+        self.counters = counters
+        self.masks = {self.a: _IN, self.b: _IN}
+        self.finish = finish                  # called (on the engine thread) once, at the end
+        self.error: tuple[str, BaseException] | None = None
+        self.closed = False
+
+
+class SpliceEngine:
+    """Relay TCP socket pairs in the kernel from one thread.
+
+    Start ``run`` with ``nursery.start``; then ``await engine.relay(a, b, counters=...)`` with
+    two connected ``trio.SocketStream``s. Until ``run`` has started (or after it ended),
+    ``available`` is False and callers use ``relay.relay`` instead.
+    """
+
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = None
+        self._pairs: dict[int, _Pair] = {}    # fd -> pair, both fds of each pair
+        self._control: deque = deque()        # (verb, pair) from the trio thread
+        self._wake_r = self._wake_w = -1
+        self._pipes: list[tuple[int, int]] = []
+        self._thread: threading.Thread | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __len__(self) -> int:
+        return len(self._pairs) // 2
+
+    # --- service (trio thread) ------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the engine thread until cancelled; pairs still relaying then are failed."""
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, _IN)
+        self._thread = threading.Thread(target=self._loop, name="nodemesh-splice", daemon=True)
+        self._thread.start()
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self._post("stop", None)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._thread.join)
+            self._thread = None
+            for pair in {id(p): p for p in self._pairs.values()}.values():   # came in late
+                self._end(pair, ("a_to_b", _Cancelled("agent shutting down")))
+            for fd in (self._wake_r, self._wake_w, *[fd for p in self._pipes for fd in p]):
+                os.close(fd)
+            self._pipes.clear()
+            self._epoll.close()
+
+    async def relay(self, a: trio.SocketStream, b: trio.SocketStream, *,
+                    counters: RelayCounters | None = None) -> RelayResult:
+        """Copy a->b and b->a until both directions reach EOF; return the bytes delivered.
+
+        The same contract as ``relay.relay``: EOF on one side becomes a half-close of the other;
+        on an error on either side, or cancellation, both sockets are reset and ``RelayError``
+        (or the cancellation) is raised with the counts so far; after a clean finish the
+        sockets stay the caller's to close.
+        """
+        if not self.available:
+            return await relay(a, b, counters=counters)
+        counters = counters if counters is not None else RelayCounters()
+        token = trio.lowlevel.current_trio_token()
+        ended = trio.Event()
+        pair = _Pair(a, b, counters, lambda: token.run_sync_soon(ended.set))
+        self._pairs[pair.a] = self._pairs[pair.b] = pair
+        assert self._epoll is not None
+        self._epoll.register(pair.a, _IN)     # the engine thread sees data from here on
+        self._epoll.register(pair.b, _IN)
+        try:
+            await ended.wait()
+        except BaseException:
+            self._post("cancel", pair)
+            with trio.CancelScope(shield=True):
+                await ended.wait()            # the engine (or run() on its way out) ends it
+                await abort(a)
+                await abort(b)
+            raise
+        if pair.error is not None:
+            name, error = pair.error
+            with trio.CancelScope(shield=True):
+                await abort(a)
+                await abort(b)
+            raise RelayError(name, counters.a_to_b, counters.b_to_a, repr(error)) from error
+        return RelayResult(counters.a_to_b, counters.b_to_a)
+
+    def _post(self, verb: str, pair: _Pair | None) -> None:
+        self._control.append((verb, pair))
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass                              # a wake-up is already pending
+
+    # --- the engine thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        assert self._epoll is not None
+        poll, pairs, wake = self._epoll.poll, self._pairs, self._wake_r
+        while True:
+            for fd, events in poll():
+                if fd == wake:
+                    if self._control_turn():
+                        return
+                    continue
+                pair = pairs.get(fd)
+                if pair is not None and not pair.closed:
+                    try:
+                        self._turn(pair, fd, events)
+                    except Exception as e:   # never let one pair stop the engine
+                        log.exception("splice engine: unexpected error on fd %d", fd)
+                        self._end(pair, ("a_to_b" if fd == pair.a else "b_to_a", e))
+
+    def _control_turn(self) -> bool:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._control:
+            verb, pair = self._control.popleft()
+            if verb == "stop":
+                for p in {id(p): p for p in self._pairs.values()}.values():
+                    self._end(p, ("a_to_b", _Cancelled("agent shutting down")))
+                return True
+            if verb == "cancel" and not pair.closed:
+                self._end(pair, ("a_to_b", _Cancelled("cancelled")))
+        return False
+
+    def _turn(self, pair: _Pair, fd: int, events: int) -> None:
+        if events & select.EPOLLERR:
+            code = pair.socks[fd].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                name = "a_to_b" if fd == pair.a else "b_to_a"
+                self._end(pair, (name, ConnectionError(code, os.strerror(code))))
+                return
+        out_dir = pair.ab if fd == pair.a else pair.ba      # fd is its source
+        in_dir = pair.ba if fd == pair.a else pair.ab       # fd is its destination
+        progressed = False
+        try:
+            if in_dir.pending and events & (_OUT | _BAD):
+                progressed |= self._flush(in_dir, pair)
+            if not out_dir.eof and not out_dir.pending and events & (_IN | _BAD):
+                progressed |= self._pump(out_dir, pair)
+        except _DirectionError as e:
+            self._end(pair, (e.direction, e.error))
+            return
+        if pair.ab.done and pair.ba.done:
+            self._end(pair, None)
+            return
+        if events & _BAD and not progressed:
+            # hung up with nothing left to move through this socket: nothing will change now
+            self._end(pair, (out_dir.name, ConnectionResetError(errno.ECONNRESET, "peer hung up")))
+            return
+        self._rearm(pair)
+
+    def _pump(self, d: _Direction, pair: _Pair) -> bool:
+        """Move what src has into the pipe, then on to dst; True if anything happened."""
+        for _ in range(8):                    # bulk: a few bites per turn, then let others run
+            if d.pipe is None:
+                d.pipe = self._pipes.pop() if self._pipes else self._new_pipe()
+            try:
+                n = os.splice(d.src, d.pipe[1], CHUNK, flags=_FLAGS)
+            except BlockingIOError:
+                self._release(d)
+                return False
+            except OSError as e:
+                raise _DirectionError(d.name, e) from None
+            if n == 0:
+                d.eof = True
+                self._release(d)
+                self._shut(d, pair)
+                return True
+            d.pending += n
+            if not self._flush(d, pair) or n < PIPE_SIZE:
+                return True
+        return True
+
+    def _flush(self, d: _Direction, pair: _Pair) -> bool:
+        """Write the pipe's bytes to dst; True when the pipe is empty afterwards."""
+        assert d.pipe is not None
+        while d.pending:
+            try:
+                n = os.splice(d.pipe[0], d.dst, d.pending, flags=_FLAGS)
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                raise _DirectionError(d.name, e) from None
+            d.pending -= n
+            if d.name == "a_to_b":
+                pair.counters.a_to_b += n
+            else:
+                pair.counters.b_to_a += n
+        self._release(d)
+        if d.eof:
+            self._shut(d, pair)
+        return True
+
+    @staticmethod
+    def _shut(d: _Direction, pair: _Pair) -> None:
+        """Pass EOF on: dst is shut for writing once everything before it was written."""
+        if d.done or d.pending:
+            return
+        d.done = True
+        try:
+            pair.socks[d.dst].shutdown(socket.SHUT_WR)
+        except OSError:
+            pass                              # the peer is gone; the other direction will say so
+
+    def _rearm(self, pair: _Pair) -> None:
+        for fd, src_dir, dst_dir in ((pair.a, pair.ab, pair.ba), (pair.b, pair.ba, pair.ab)):
+            mask = 0
+            if not src_dir.eof and not src_dir.pending:
+                mask |= _IN
+            if dst_dir.pending:
+                mask |= _OUT
+            old = pair.masks[fd]
+            if mask == old:
+                continue
+            pair.masks[fd] = mask
+            # Nothing wanted: leave the epoll set. A hung-up socket (both ways shut, bytes still
+            # queued behind a slow reader) would otherwise report EPOLLHUP on every turn.
+            if mask == 0:
+                self._epoll.unregister(fd)
+            elif old == 0:
+                self._epoll.register(fd, mask)
+            else:
+                self._epoll.modify(fd, mask)
+
+    def _end(self, pair: _Pair, error: tuple[str, BaseException] | None) -> None:
+        """Stop watching the pair, return its pipes and tell the trio side."""
+        if pair.closed:
+            return
+        pair.closed = True
+        pair.error = error
+        for fd in (pair.a, pair.b):
+            self._pairs.pop(fd, None)
+            if pair.masks[fd]:
+                try:
+                    self._epoll.unregister(fd)
+                except (OSError, ValueError):
+                    pass
+        for d in (pair.ab, pair.ba):
+            if d.pipe is not None:
+                if d.pending:                 # bytes stuck in it: not reusable
+                    os.close(d.pipe[0])
+                    os.close(d.pipe[1])
+                    d.pipe = None
+                else:
+                    self._release(d)
+        try:
+            pair.finish()
+        except trio.RunFinishedError:
+            pass
+
+    # --- pipes ----------------------------------------------------------------------------------
+
+    def _release(self, d: _Direction) -> None:
+        if d.pipe is None or d.pending:
+            return
+        if len(self._pipes) < PIPE_POOL:
+            self._pipes.append(d.pipe)
+        else:
+            os.close(d.pipe[0])
+            os.close(d.pipe[1])
+        d.pipe = None
+
+    @staticmethod
+    def _new_pipe() -> tuple[int, int]:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass                              # over /proc/sys/fs/pipe-max-size: 64 KiB it is
+        return r, w
+

@@ -1,0 +1,203 @@
+"""The splice relay engine over real TCP sockets on 127.0.0.1: the relay's contract (exact
+counts, half-close, reset on error or cancellation), many pairs at once, and back-pressure."""
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+
+from agent.proxy.relay import RelayCounters, RelayError, RelayResult
+from agent.proxy.splice import SpliceEngine
+
+from tests.agent.proxy.test_relay import read_to_eof, tcp_pair
+
+
+@pytest.fixture
+async def engine(nursery):
+    e = SpliceEngine()
+    await nursery.start(e.run)
+    assert e.available
+    yield e
+
+
+async def test_counts_are_exact_and_eof_propagates_both_ways(engine):
+    (app, a), (b, upstream) = await tcp_pair(), await tcp_pair()
+    counters = RelayCounters()
+    result: list[RelayResult] = []
+    received: dict[str, bytes] = {}
+
+    async def peer(name, stream, payload):
+        await stream.send_all(payload)
+        await stream.send_eof()
+        received[name] = await read_to_eof(stream)
+
+    async def run():
+        result.append(await engine.relay(a, b, counters=counters))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            nursery.start_soon(peer, "app", app, b"x" * 3_234_567)
+            nursery.start_soon(peer, "upstream", upstream, b"y" * 7_654)
+    assert result == [RelayResult(a_to_b=3_234_567, b_to_a=7_654)]
+    assert received == {"app": b"y" * 7_654, "upstream": b"x" * 3_234_567}
+    assert len(engine) == 0
+    for s in (app, a, b, upstream):
+        await s.aclose()
+
+
+async def test_half_close_keeps_the_other_direction_open(engine):
+    (app, a), (b, upstream) = await tcp_pair(), await tcp_pair()
+    counters = RelayCounters()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: engine.relay(a, b, counters=counters))
+            await app.send_all(b"request")
+            await app.send_eof()
+            assert await read_to_eof(upstream) == b"request"       # upstream saw EOF...
+            assert counters.a_to_b == 7 and counters.b_to_a == 0   # counted before the EOF went out
+            await upstream.send_all(b"late reply")                  # ...and can still answer
+            assert await app.receive_some(100) == b"late reply"
+            await upstream.send_eof()
+            assert await app.receive_some(100) == b""
+    assert (counters.a_to_b, counters.b_to_a) == (7, 10)
+    for s in (app, a, b, upstream):
+        await s.aclose()
+
+
+async def test_a_reset_on_one_side_resets_both_and_reports_counts(engine):
+    (app, a), (b, upstream) = await tcp_pair(), await tcp_pair()
+    errors: list[RelayError] = []
+
+    async def run():
+        with pytest.raises(RelayError) as e:
+            await engine.relay(a, b)
+        errors.append(e.value)
+
+    with trio.fail_after(10):
+        await app.send_all(b"12345")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            assert await upstream.receive_some(100) == b"12345"
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await upstream.aclose()                                   # RST
+            with pytest.raises(trio.BrokenResourceError):             # the app is reset too
+                await read_to_eof(app)
+    [err] = errors
+    assert err.direction == "b_to_a"
+    assert (err.a_to_b, err.b_to_a) == (5, 0)
+    assert isinstance(err.__cause__, ConnectionError)
+    await app.aclose()
+
+
+async def test_cancelling_the_relay_resets_both_sides(engine):
+    (app, a), (b, upstream) = await tcp_pair(), await tcp_pair()
+    with trio.fail_after(10):
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(engine.relay, a, b)
+                await app.send_all(b"ping")
+                assert await upstream.receive_some(100) == b"ping"
+                scope.cancel()                   # what the registry does on a policy change
+        for peer in (app, upstream):
+            with pytest.raises(trio.BrokenResourceError):
+                await read_to_eof(peer)
+    assert len(engine) == 0
+    await app.aclose()
+    await upstream.aclose()
+
+
+async def test_many_pairs_at_once_keep_their_bytes_apart(engine):
+    async def one(i: int) -> None:
+        (app, a), (b, upstream) = await tcp_pair(), await tcp_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.relay, a, b)
+            for turn in range(20):
+                message = f"{i}:{turn}:".encode() * 50
+                await app.send_all(message)
+                got = b""
+                while len(got) < len(message):
+                    got += await upstream.receive_some(65536)
+                assert got == message
+                await upstream.send_all(got[::-1])
+                back = b""
+                while len(back) < len(message):
+                    back += await app.receive_some(65536)
+                assert back == message[::-1]
+            await app.send_eof()
+            await upstream.send_eof()
+            assert await read_to_eof(app) == b"" and await read_to_eof(upstream) == b""
+        for s in (app, a, b, upstream):
+            await s.aclose()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(one, i)
+    assert len(engine) == 0
+
+
+async def test_a_slow_reader_holds_the_writer_back_without_losing_bytes(engine):
+    (app, a), (b, upstream) = await tcp_pair(), await tcp_pair()
+    counters = RelayCounters()
+    payload = bytes(range(256)) * 40_000                     # 10 MB
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: engine.relay(a, b, counters=counters))
+
+            async def send():
+                await app.send_all(payload)
+                await app.send_eof()
+            nursery.start_soon(send)
+            await trio.sleep(0.3)                             # nobody reads: buffers fill up
+            held = counters.a_to_b
+            assert held < len(payload)                        # the relay is held back...
+            got = await read_to_eof(upstream)                 # ...and catches up when read
+            assert got == payload
+            await upstream.send_eof()
+            assert await read_to_eof(app) == b""
+    assert counters.a_to_b == len(payload)
+    for s in (app, a, b, upstream):
+        await s.aclose()
+
+
+async def test_without_the_engine_thread_the_trio_relay_does_the_job():
+    engine = SpliceEngine()                                   # never started
+    (app, a), (b, upstream) = await tcp_pair(), await tcp_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.relay, a, b)
+            await app.send_all(b"hello")
+            await app.send_eof()
+            assert await read_to_eof(upstream) == b"hello"
+            await upstream.send_eof()
+            assert await read_to_eof(app) == b""
+    for s in (app, a, b, upstream):
+        await s.aclose()
+
+
+async def test_stopping_the_engine_ends_pairs_in_flight():
+    (app, a), (b, upstream) = await tcp_pair(), await tcp_pair()
+    engine = SpliceEngine()
+    outcome: list[BaseException] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            with trio.CancelScope() as engine_scope:
+                async with trio.open_nursery() as inner:
+                    await inner.start(engine.run)
+
+                    async def run():
+                        try:
+                            await engine.relay(a, b)
+                        except RelayError as e:
+                            outcome.append(e)
+                    outer.start_soon(run)
+                    await app.send_all(b"x")
+                    assert await upstream.receive_some(10) == b"x"
+                    engine_scope.cancel()                     # the agent shutting down
+    assert len(outcome) == 1 and "shutting down" in str(outcome[0])
+    assert not engine.available
+    for s in (app, upstream):
+        await s.aclose()
