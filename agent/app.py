@@ -30,6 +30,7 @@ from agent.observe.metrics import AgentMetrics
 from agent.observe.telemetry import Telemetry
 from agent.proxy.connections import Registry
 from agent.proxy.inbound import Delivery, Inbound
+from agent.proxy.fastpath import FastPath
 from agent.proxy.splice import SpliceEngine
 from agent.proxy.listeners import Handlers, Listeners
 from agent.proxy.outbound import Outbound, Pools
@@ -101,7 +102,10 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         pools = Pools(delivery, nursery)
         outbound = Outbound(delivery, identity, pools, redirector.original_destination, cfg.node,
                             passthrough=cfg.passthrough, rng=rng)
-        listeners = Listeners(Handlers(outbound.handle, inbound.plaintext, inbound.hbone))
+        fast = FastPath(outbound, engine, redirector.original_destination_sync,
+                        lambda w, stream, dst: listeners.hand_over(w, partial(outbound.handle, dst=dst), stream))
+        listeners = Listeners(Handlers(outbound.handle, inbound.plaintext, inbound.hbone,
+                                       serve_outbound=fast.serve))
 
         def ready() -> tuple[bool, str]:
             if not status.synced:

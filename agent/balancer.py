@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
@@ -59,7 +60,8 @@ class _EndpointStats:
 
 class Stats:
     """Mutable per-endpoint load, latency and ejection state, keyed by ``Endpoint.key``, plus a
-    round-robin cursor per service. One per proxy; not thread-safe (one trio thread uses it).
+    round-robin cursor per service. One per proxy. Its events take a lock, since the splice
+    engine's thread (agent/proxy/fastpath.py) records connections too; reads in ``pick`` don't.
 
     Ejection: ``eject_after`` consecutive connect failures eject an endpoint for ``eject_for``
     seconds, doubling with each further ejection up to ``eject_max``; a successful connect resets
@@ -74,6 +76,7 @@ class Stats:
         self.eject_after, self.eject_for, self.eject_max = eject_after, eject_for, eject_max
         self._eps: dict[EndpointKey, _EndpointStats] = {}
         self._cursors: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def _get(self, ep: Endpoint) -> _EndpointStats:
         s = self._eps.get(ep.key)
@@ -85,34 +88,38 @@ class Stats:
 
     def started(self, ep: Endpoint) -> None:
         """A connection (or connect attempt) to ``ep`` began."""
-        self._get(ep).active += 1
+        with self._lock:
+            self._get(ep).active += 1
 
     def finished(self, ep: Endpoint) -> None:
         """A connection to ``ep`` ended (never goes below zero)."""
-        s = self._get(ep)
-        s.active = max(0, s.active - 1)
+        with self._lock:
+            s = self._get(ep)
+            s.active = max(0, s.active - 1)
 
     def connect_latency(self, ep: Endpoint, seconds: float, now: float) -> None:
         """A connect to ``ep`` succeeded after ``seconds``: update the peak EWMA (a sample above
         the estimate replaces it; otherwise the estimate moves towards the sample by
         ``1 - exp(-elapsed/tau)``) and clear the failure and ejection counts."""
-        s = self._get(ep)
-        if s.rtt is None or seconds > s.rtt:
-            s.rtt = seconds
-        else:
-            decay = math.exp(-max(0.0, now - s.stamp) / self.tau)
-            s.rtt = s.rtt * decay + seconds * (1.0 - decay)
-        s.stamp = now
-        s.failures = s.ejections = 0
+        with self._lock:
+            s = self._get(ep)
+            if s.rtt is None or seconds > s.rtt:
+                s.rtt = seconds
+            else:
+                decay = math.exp(-max(0.0, now - s.stamp) / self.tau)
+                s.rtt = s.rtt * decay + seconds * (1.0 - decay)
+            s.stamp = now
+            s.failures = s.ejections = 0
 
     def connect_failed(self, ep: Endpoint, now: float) -> None:
         """A connect to ``ep`` failed; the ``eject_after``-th in a row ejects it."""
-        s = self._get(ep)
-        s.failures += 1
-        if s.failures >= self.eject_after:
-            s.ejections += 1
-            s.ejected_until = now + min(self.eject_max, self.eject_for * 2 ** (s.ejections - 1))
-            s.failures = 0
+        with self._lock:
+            s = self._get(ep)
+            s.failures += 1
+            if s.failures >= self.eject_after:
+                s.ejections += 1
+                s.ejected_until = now + min(self.eject_max, self.eject_for * 2 ** (s.ejections - 1))
+                s.failures = 0
 
     def retain(self, keys: Iterable[EndpointKey]) -> None:
         """Forget every endpoint whose key is not in ``keys``."""

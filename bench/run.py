@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"any of {' '.join(ALL)} (default: {' '.join(DEFAULT)})")
     ap.add_argument("--runs", type=int, default=5, help="runs per target and metric (default 5)")
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ",".join(TARGETS))
-    ap.add_argument("--no-profile", action="store_true", help="skip py-spy on the agent during (a)")
+    ap.add_argument("--no-profile", action="store_true", help="skip py-spy on the agent during (a) and (c)")
     ap.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     a = ap.parse_args(argv)
@@ -228,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    None if a.no_profile else a.out.parent))
                     else:
                         samples.update(getattr(sc, f"scenario_{name}")(world))
-                    if name == "a" and not a.no_profile and pids.get("nodemesh"):
-                        report["profile_a"] = sc.profile_a(world, pids["nodemesh"], a.out.parent / "profile-a")
+                    if name in "ac" and not a.no_profile and pids.get("nodemesh"):
+                        report[f"profile_{name}"] = getattr(sc, f"profile_{name}")(
+                            world, pids["nodemesh"], a.out.parent / f"profile-{name}")
                     print(f"[bench] scenario {name} done in {time.monotonic() - t0:.0f}s", file=sys.stderr)
         if "f" in chosen:
             print("[bench] scenario f ...", file=sys.stderr)
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if "config" in report:
         print()
         print(config_table(report["config"]))
-    for key, what in (("profile_a", "the agent during (a)"), ("profile_b_client_agent", "the client-side agent during (b)")):
+    for key, what in (("profile_a", "the agent during (a)"), ("profile_c", "the agent during (c)"),
+                      ("profile_b_client_agent", "the client-side agent during (b)")):
         if key in report:
             print(f"\npy-spy on {what}, top frames by own time:")
             for f, pct in report[key]["self_pct"][:10]:

@@ -79,14 +79,27 @@ def scenario_a(w: World) -> Samples:
 
 def profile_a(w: World, pid: int, dest: Path, seconds: float = 5.0) -> dict:
     """py-spy on the agent during one extra (a) wrk run (not counted in the results)."""
+    return _profile_wrk(w, pid, dest, seconds, close=False)
+
+
+def profile_c(w: World, pid: int, dest: Path, seconds: float = 5.0) -> dict:
+    """py-spy on the agent during one extra (c) wrk run, a new connection per request."""
+    return _profile_wrk(w, pid, dest, seconds, close=True)
+
+
+def _profile_wrk(w: World, pid: int, dest: Path, seconds: float, *, close: bool) -> dict:
     from bench.profile import summarize
     host, port = target_address("nodemesh", HTTP_PORT)
     raw = dest.with_suffix(".raw.txt")
+    # --threads: the splice engine's thread apart from the trio thread. Not --nonblocking:
+    # that tears about half the stacks (BENCHMARKS.md); pausing the agent 200 times a second
+    # costs it a little speed, not the shape of the profile.
     spy = subprocess.Popen([PY_SPY, "record", "-p", str(pid), "-d", f"{seconds + 1:g}", "-r", "200",
-                            "--nonblocking", "-f", "raw", "-o", str(raw)],
+                            "--threads", "-f", "raw", "-o", str(raw)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
-    load.wrk(w.ns.name, host, port, seconds=seconds, connections=A_CONNS)
+    load.wrk(w.ns.name, host, port, seconds=seconds, connections=C_CONNS if close else A_CONNS,
+             close=close)
     err = spy.communicate(timeout=60)[1]
     w.sup.check_alive()
     if not raw.exists():

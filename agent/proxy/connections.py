@@ -30,7 +30,7 @@ class Live:
     port: int                             # the workload's port
     source_identity: SpiffeId | None
     source_ip: str
-    scope: trio.CancelScope
+    scope: trio.CancelScope               # or anything with .cancel() (the fast path's relays)
     started: float = field(default_factory=time.monotonic)
     denied: Deny | None = None            # set when a policy change closed it
 
@@ -45,6 +45,13 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def add(self, live: Live) -> None:
+        """Track ``live`` until ``discard``; atomic, so the splice engine's thread may call it."""
+        self._live.add(live)
+
+    def discard(self, live: Live) -> None:
+        self._live.discard(live)
 
     @contextmanager
     def track(self, live: Live) -> Iterator[Live]:

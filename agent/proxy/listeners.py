@@ -49,6 +49,9 @@ class Handlers:
     outbound: Handler          # 15001
     inbound_plain: Handler     # 15006
     inbound_hbone: Handler     # 15008
+    # 15001 served elsewhere (the fast path, on the splice engine's thread): takes the workload
+    # and the open listener, returns the function that stops serving and closes it
+    serve_outbound: Callable[[Workload, trio.SocketListener], Callable[[], None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class _Entry:
         self.workload = workload                 # the snapshot's object that opened it
         self.netns = workload.spec.netns
         self.listeners: dict[int, trio.SocketListener] = {}
+        self.stops: dict[int, Callable[[], None]] = {}    # listeners served elsewhere
         self.error = ""
         self.scope = trio.CancelScope()          # the accept loops'
         self.accepts: trio.Nursery | None = None
@@ -103,6 +107,7 @@ class Listeners:
         self._retry_interval = retry_interval
         self._served = tuple(zip(("outbound", "inbound_plain", "inbound_hbone"), ports,
                                  (handlers.outbound, handlers.inbound_plain, handlers.inbound_hbone)))
+        self._serve_outbound = handlers.serve_outbound
         self._ports = tuple(ports)
         self._entries: dict[WorkloadKey, _Entry] = {}
         self._nursery: trio.Nursery | None = None
@@ -231,6 +236,9 @@ class Listeners:
                 return
             entry.listeners[port] = listener
             opened.append(port)
+            if kind == "outbound" and self._serve_outbound is not None:
+                entry.stops[port] = self._serve_outbound(entry.workload, listener)
+                continue
             assert entry.accepts is not None
             entry.accepts.start_soon(self._accept_loop, entry, kind, port, handler, listener)
         error = "; ".join(errors)
@@ -278,9 +286,23 @@ class Listeners:
         finally:
             await trio.aclose_forcefully(stream)
 
+    def hand_over(self, workload: Workload, handler: Handler, stream: trio.SocketStream) -> None:
+        """Serve a connection accepted elsewhere (the fast path declined it) like one accepted
+        here: ``handler`` in its own task, the stream closed when it returns."""
+        if self._nursery is None:
+            stream.socket.close()
+            return
+        name = f"{workload.metadata.namespace}/{workload.metadata.name}"
+        self._nursery.start_soon(self._connection, workload, name, "outbound", self._ports[0],
+                                 handler, stream)
+
     @staticmethod
     def _close(entry: _Entry) -> None:
         entry.scope.cancel()
-        for listener in entry.listeners.values():
-            listener.socket.close()
+        for port, listener in entry.listeners.items():
+            stop = entry.stops.pop(port, None)
+            if stop is not None:
+                stop()
+            else:
+                listener.socket.close()
         entry.listeners.clear()

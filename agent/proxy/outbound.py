@@ -78,8 +78,10 @@ class Outbound:
     rng: random.Random = field(default_factory=random.Random)
     stats: Stats = field(default_factory=Stats)
 
-    async def handle(self, workload: Workload, stream: trio.SocketStream) -> None:
-        """15001: one connection a local workload made; its original destination says where to."""
+    async def handle(self, workload: Workload, stream: trio.SocketStream,
+                     dst: tuple[str, int] | None = None) -> None:
+        """15001: one connection a local workload made; its original destination (``dst`` when
+        the fast path has read it already) says where to."""
         snap = self.delivery.holder.current
         src = snap.workload(workload.metadata.namespace, workload.metadata.name) or workload
         src_id = snap.identity_of(src)
@@ -87,7 +89,7 @@ class Outbound:
         rec = ConnRecord("source", src_ip, src_workload=src, src_identity=src_id.uri)
         tel = self.delivery.telemetry
         try:
-            ip, port = await self.orig_dst(workload, stream)
+            ip, port = dst or await self.orig_dst(workload, stream)
             rec.dst_address = f"{ip}:{port}"
             plan = plan_outbound(snap, src, ip, port, passthrough=self.passthrough)
             if isinstance(plan, Passthrough):

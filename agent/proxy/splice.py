@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import logging
 import os
 import select
 import socket
 import threading
+import time
 from collections import deque
+from typing import Callable
 
 import trio
 
@@ -59,18 +62,20 @@ class _Direction:
 
 
 class _Pair:
-    __slots__ = ("a", "b", "socks", "ab", "ba", "counters", "masks", "finish", "error", "closed")
+    __slots__ = ("a", "b", "socks", "ab", "ba", "counters", "masks", "finish", "error", "closed",
+                 "closing")
 
-    def __init__(self, a: trio.SocketStream, b: trio.SocketStream, counters: RelayCounters,
-                 finish) -> None:
-        self.socks = {a.socket.fileno(): a.socket, b.socket.fileno(): b.socket}
-        self.a, self.b = a.socket.fileno(), b.socket.fileno()
+    def __init__(self, a, b, counters: RelayCounters, finish) -> None:
+        # a, b: stdlib or trio sockets (fileno, getsockopt, shutdown)
+        self.socks = {a.fileno(): a, b.fileno(): b}
+        self.a, self.b = a.fileno(), b.fileno()
         self.ab, self.ba = _Direction(self.a, self.b, "a_to_b"), _Direction(self.b, self.a, "b_to_a")
         self.counters = counters
         self.masks = {self.a: _IN, self.b: _IN}
-        self.finish = finish                  # called (on the engine thread) once, at the end
+        self.finish = finish                  # finish(pair), on the engine thread, once at the end
         self.error: tuple[str, BaseException] | None = None
         self.closed = False
+        self.closing = False                  # finish() closes both sockets at once
 
 
 class SpliceEngine:
@@ -88,6 +93,10 @@ class SpliceEngine:
         self._wake_r = self._wake_w = -1
         self._pipes: list[tuple[int, int]] = []
         self._thread: threading.Thread | None = None
+        self._listening: dict[int, tuple[socket.socket, Callable]] = {}
+        self._connecting: dict[int, tuple[socket.socket, Callable]] = {}
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []   # (due, seq, callback)
+        self._seq = 0
 
     @property
     def available(self) -> bool:
@@ -115,6 +124,11 @@ class SpliceEngine:
             self._thread = None
             for pair in {id(p): p for p in self._pairs.values()}.values():   # came in late
                 self._end(pair, ("a_to_b", _Cancelled("agent shutting down")))
+            for sock, _ in self._listening.values():
+                sock.close()
+            self._listening.clear()
+            for fd in list(self._connecting):
+                self._connected(fd, ConnectionAbortedError(errno.ECONNABORTED, "agent shutting down"))
             for fd in (self._wake_r, self._wake_w, *[fd for p in self._pipes for fd in p]):
                 os.close(fd)
             self._pipes.clear()
@@ -134,11 +148,7 @@ class SpliceEngine:
         counters = counters if counters is not None else RelayCounters()
         token = trio.lowlevel.current_trio_token()
         ended = trio.Event()
-        pair = _Pair(a, b, counters, lambda: token.run_sync_soon(ended.set))
-        self._pairs[pair.a] = self._pairs[pair.b] = pair
-        assert self._epoll is not None
-        self._epoll.register(pair.a, _IN)     # the engine thread sees data from here on
-        self._epoll.register(pair.b, _IN)
+        pair = self.adopt(a.socket, b.socket, counters, lambda _: token.run_sync_soon(ended.set))
         try:
             await ended.wait()
         except BaseException:
@@ -156,7 +166,110 @@ class SpliceEngine:
             raise RelayError(name, counters.a_to_b, counters.b_to_a, repr(error)) from error
         return RelayResult(counters.a_to_b, counters.b_to_a)
 
-    def _post(self, verb: str, pair: _Pair | None) -> None:
+    # --- for the fast path: any thread, engine-thread callbacks -----------------------------------
+
+    def adopt(self, a, b, counters: RelayCounters, on_end: Callable[[_Pair], None], *,
+              closing: bool = False) -> _Pair:
+        """Start relaying connected sockets ``a`` <-> ``b`` (non-blocking); ``on_end(pair)`` runs
+        on the engine thread when both directions are done (``pair.error`` None) or one failed
+        or it was cancelled (``pair.error`` = (direction, exception)). The sockets stay the
+        caller's; ``closing``: ``on_end`` closes them at once (so the last EOF needs no
+        ``shutdown``: the close sends it). Returns the pair, for ``cancel``."""
+        assert self._epoll is not None
+        pair = _Pair(a, b, counters, on_end)
+        pair.closing = closing
+        self._pairs[pair.a] = self._pairs[pair.b] = pair
+        self._epoll.register(pair.a, _IN)     # the engine thread sees data from here on
+        self._epoll.register(pair.b, _IN)
+        return pair
+
+    def cancel(self, pair: _Pair) -> None:
+        """End ``pair`` as failed (its ``on_end`` runs on the engine thread); from any thread."""
+        self._post("cancel", pair)
+
+    def listen(self, sock: socket.socket, on_accept: Callable[[socket.socket], None]) -> None:
+        """Accept on the listening ``sock`` (now the engine's) from the engine thread, calling
+        ``on_accept(conn)`` there with each new non-blocking connection. ``unlisten`` ends it."""
+        sock.setblocking(False)
+        self._listening[sock.fileno()] = (sock, on_accept)
+        self._epoll.register(sock.fileno(), _IN)
+
+    def unlisten(self, sock: socket.socket) -> None:
+        """Stop accepting on ``sock`` and close it (on the engine thread); from any thread."""
+        self._post("unlisten", sock)
+
+    def connect(self, sock: socket.socket, address: tuple[str, int], timeout: float,
+                on_done: Callable[[OSError | None], None]) -> None:
+        """Engine thread only: connect the non-blocking ``sock``; ``on_done(None)`` once
+        connected, ``on_done(error)`` on failure or after ``timeout`` seconds (TimeoutError)."""
+        err = sock.connect_ex(address)
+        if err == errno.EINPROGRESS:
+            try:                              # a local handshake is often done by now
+                sock.getpeername()
+                err = 0
+            except OSError:
+                pass
+        if err == 0:
+            on_done(None)
+            return
+        if err != errno.EINPROGRESS:
+            on_done(OSError(err, os.strerror(err)))
+            return
+        fd = sock.fileno()
+        entry = (sock, on_done)
+        self._connecting[fd] = entry
+        self._epoll.register(fd, _OUT)
+
+        def expired() -> None:
+            if self._connecting.get(fd) is entry:
+                self._connected(fd, TimeoutError(errno.ETIMEDOUT, "connect timed out"))
+        self.later(timeout, expired)
+
+    def later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Engine thread only: run ``callback`` there in ``delay`` seconds."""
+        self._seq += 1
+        heapq.heappush(self._timers, (time.monotonic() + delay, self._seq, callback))
+
+    def _connected(self, fd: int, error: OSError | None) -> None:
+        sock, on_done = self._connecting.pop(fd)
+        self._epoll.unregister(fd)
+        if error is None:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            error = OSError(code, os.strerror(code)) if code else None
+        on_done(error)
+
+    def _expire(self) -> float | None:
+        """Run the timers that are due; the poll timeout until the next one."""
+        now = time.monotonic()
+        while self._timers:
+            deadline = self._timers[0][0]
+            if deadline > now:
+                return deadline - now
+            heapq.heappop(self._timers)[2]()
+        return None
+
+    def _accept(self, fd: int) -> None:
+        sock, on_accept = self._listening[fd]
+        for _ in range(64):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # out of descriptors or memory (or worse): pause this listener 100 ms, as
+                # trio.serve_listeners does, instead of spinning on a level-triggered epoll
+                log.error("accept on %s failed: %s; pausing it 100 ms", sock.getsockname(), e)
+                self._epoll.unregister(fd)
+
+                def resume() -> None:
+                    if self._listening.get(fd, (None,))[0] is sock:
+                        self._epoll.register(fd, _IN)
+                self.later(0.1, resume)
+                return
+            conn.setblocking(False)
+            on_accept(conn)
+
+    def _post(self, verb: str, pair) -> None:
         self._control.append((verb, pair))
         try:
             os.write(self._wake_w, b"x")
@@ -168,19 +281,27 @@ class SpliceEngine:
     def _loop(self) -> None:
         assert self._epoll is not None
         poll, pairs, wake = self._epoll.poll, self._pairs, self._wake_r
+        timeout = None
         while True:
-            for fd, events in poll():
+            for fd, events in poll(timeout if timeout is not None else -1):
                 if fd == wake:
                     if self._control_turn():
                         return
                     continue
                 pair = pairs.get(fd)
-                if pair is not None and not pair.closed:
-                    try:
-                        self._turn(pair, fd, events)
-                    except Exception as e:   # never let one pair stop the engine
-                        log.exception("splice engine: unexpected error on fd %d", fd)
+                try:
+                    if pair is not None:
+                        if not pair.closed:
+                            self._turn(pair, fd, events)
+                    elif fd in self._connecting:
+                        self._connected(fd, None)
+                    elif fd in self._listening:
+                        self._accept(fd)
+                except Exception as e:       # never let one connection stop the engine
+                    log.exception("splice engine: unexpected error on fd %d", fd)
+                    if pair is not None:
                         self._end(pair, ("a_to_b" if fd == pair.a else "b_to_a", e))
+            timeout = self._expire() if self._timers else None
 
     def _control_turn(self) -> bool:
         try:
@@ -196,6 +317,12 @@ class SpliceEngine:
                 return True
             if verb == "cancel" and not pair.closed:
                 self._end(pair, ("a_to_b", _Cancelled("cancelled")))
+            elif verb == "unlisten" and self._listening.pop(pair.fileno(), None) is not None:
+                try:
+                    self._epoll.unregister(pair.fileno())
+                except OSError:
+                    pass                      # paused after an accept error
+                pair.close()
         return False
 
     def _turn(self, pair: _Pair, fd: int, events: int) -> None:
@@ -269,10 +396,13 @@ class SpliceEngine:
 
     @staticmethod
     def _shut(d: _Direction, pair: _Pair) -> None:
-        """Pass EOF on: dst is shut for writing once everything before it was written."""
+        """Pass EOF on: dst is shut for writing once everything before it was written (unless
+        the other direction is done too and the pair is ``closing``: the close sends the FIN)."""
         if d.done or d.pending:
             return
         d.done = True
+        if pair.closing and (pair.ba if d is pair.ab else pair.ab).done:
+            return
         try:
             pair.socks[d.dst].shutdown(socket.SHUT_WR)
         except OSError:
@@ -320,9 +450,11 @@ class SpliceEngine:
                 else:
                     self._release(d)
         try:
-            pair.finish()
+            pair.finish(pair)
         except trio.RunFinishedError:
             pass
+        except Exception:
+            log.exception("splice engine: a relay's end callback failed")
 
     # --- pipes ----------------------------------------------------------------------------------
 

@@ -47,5 +47,8 @@ class Redirector(Protocol):
     async def original_destination(self, workload: Workload, stream: trio.SocketStream) -> tuple[str, int]:
         """Where a connection accepted on 15001 (or 15006) was going before the redirect."""
 
+    def original_destination_sync(self, sock) -> tuple[str, int]:
+        """The same from any thread, for an accepted stdlib or trio socket (the fast path's)."""
+
     def check(self, workload: Workload) -> list[Finding]:
         """Are this workload's hooks present and in order? (the doctor in `nodemesh check`)"""

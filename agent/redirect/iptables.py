@@ -113,6 +113,9 @@ class IptablesRedirector:
     async def original_destination(self, workload: Workload, stream: trio.SocketStream) -> tuple[str, int]:
         return so_original_dst(stream.socket)
 
+    def original_destination_sync(self, sock) -> tuple[str, int]:
+        return so_original_dst(sock)
+
     def check(self, workload: Workload) -> list[Finding]:
         ns = workload.spec.netns
         p = _run(ns, ["iptables-save", "-t", "nat"])

@@ -34,6 +34,9 @@ class NoRedirect:
     async def original_destination(self, workload: Workload, stream: trio.SocketStream) -> tuple[str, int]:
         return so_original_dst(stream.socket)
 
+    def original_destination_sync(self, sock) -> tuple[str, int]:
+        return so_original_dst(sock)
+
     def check(self, workload: Workload) -> list[Finding]:
         return [Finding("WARN", f"{workload.metadata.namespace}/{workload.metadata.name}: redirect mode "
                                 "'none': nodemesh installs no hooks; traffic reaches the proxy only if "

@@ -1,0 +1,215 @@
+"""fastpath.py: same-node plaintext connections served start to end on the splice engine's
+thread — accept on 15001, original destination, plan, pick, authorize, dial inside the
+destination's netns, splice — with no trio task per connection (BENCHMARKS.md, scenarios c, e).
+
+Only the common case is taken here: the chosen endpoint is on this node, policy allows it and
+it answers. Anything else — a remote endpoint (HBONE), passthrough, no route, a failed or slow
+connect — is handed with its original destination to the trio handler (``Outbound.handle``),
+which does it the general way (retries on other endpoints, HBONE, error reports). The decisions
+are the pure functions outbound.py calls, on the snapshot read once at accept; telemetry runs on
+the trio thread, posted in batches; the connection is in the live registry like any other.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections import deque
+from typing import Callable
+
+import trio
+
+from agent.balancer import NoEndpoint, pick
+from agent.proxy.connections import Live
+from agent.proxy.inbound import Denied
+from agent.proxy.outbound import Outbound
+from agent.proxy.plan import ConnRecord, Upstream, plan_outbound
+from agent.proxy.relay import PROXY_MARK, RelayCounters
+from agent.proxy.splice import SpliceEngine
+from agent.redirect.netns import open_home, socket_in
+from controller.api import Workload
+
+log = logging.getLogger("nodemesh.agent.fastpath")
+
+REPORT_DELAY = 0.05      # seconds a metric or access-log line may wait (Envoy flushes logs each 1 s)
+HandOver = Callable[[Workload, trio.SocketStream, "tuple[str, int] | None"], None]   # trio thread
+_RESET = struct.pack("ii", 1, 0)
+
+
+class _Cancel:
+    """What the live registry cancels: the engine ends the relay as failed."""
+
+    __slots__ = ("engine", "pair")
+
+    def __init__(self, engine: SpliceEngine) -> None:
+        self.engine, self.pair = engine, None
+
+    def cancel(self) -> None:
+        if self.pair is not None:
+            self.engine.cancel(self.pair)
+
+
+class FastPath:
+    """Serve 15001 listeners from the engine thread (``serve``, for ``Handlers.serve_outbound``).
+
+    ``original_destination(sock)`` is the redirector's synchronous lookup; ``hand_over`` runs on
+    the trio thread with a connection the fast path declined (``Listeners.hand_over`` with
+    ``Outbound.handle``)."""
+
+    def __init__(self, outbound: Outbound, engine: SpliceEngine,
+                 original_destination: Callable[[socket.socket], tuple[str, int]],
+                 hand_over: HandOver) -> None:
+        self.outbound, self.engine = outbound, engine
+        self._orig_dst, self._hand_over = original_destination, hand_over
+        self._reports: deque = deque()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._home: int | None = None                   # the engine thread's own netns (fd)
+        self._clock: trio.abc.Clock | None = None
+
+    # --- trio thread --------------------------------------------------------------------------
+
+    def serve(self, workload: Workload, listener: trio.SocketListener) -> Callable[[], None]:
+        """Accept on ``listener`` from the engine thread; returns the stop (and close) function."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._clock = trio.lowlevel.current_clock()     # the balancer's stats use trio's time
+        raw = listener.socket
+        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+        self.engine.listen(sock, lambda conn: self._accept(workload, conn))
+        return lambda: self.engine.unlisten(sock)
+
+    def _drain(self) -> None:
+        while self._reports:
+            fn, rec = self._reports.popleft()
+            fn(rec)
+
+    def _hand_over_now(self, workload: Workload, conn: socket.socket, dst) -> None:
+        self._hand_over(workload, trio.SocketStream(trio.socket.from_stdlib_socket(conn)), dst)
+
+    # --- engine thread ------------------------------------------------------------------------
+
+    def _post(self, fn, *args) -> None:
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            for a in args:
+                if isinstance(a, socket.socket):
+                    a.close()
+
+    def _report(self, fn, rec: ConnRecord) -> None:
+        """Run ``fn(rec)`` (telemetry) on the trio thread, in order, in batches: one wake-up of
+        the trio thread per ``REPORT_DELAY`` rather than per connection."""
+        self._reports.append((fn, rec))
+        if len(self._reports) == 1:
+            self.engine.later(REPORT_DELAY, lambda: self._post(self._drain))
+
+    def _decline(self, workload: Workload, conn: socket.socket, dst) -> None:
+        self._post(self._hand_over_now, workload, conn, dst)
+
+    def _accept(self, workload: Workload, conn: socket.socket) -> None:
+        out = self.outbound
+        snap = out.delivery.holder.current
+        src = snap.workload(workload.metadata.namespace, workload.metadata.name) or workload
+        try:
+            dst = self._orig_dst(conn)
+        except OSError:
+            self._decline(workload, conn, None)         # the trio handler reports it
+            return
+        ip, port = dst
+        plan = plan_outbound(snap, src, ip, port, passthrough=out.passthrough)
+        if not isinstance(plan, Upstream):
+            self._decline(workload, conn, dst)
+            return
+        now = self._clock.current_time()
+        try:
+            ep = pick(plan.endpoints, algorithm=plan.algorithm, stats=out.stats, rng=out.rng,
+                      locality=src.spec.locality, locality_failover=plan.locality_failover,
+                      now=now, service=plan.name)
+        except NoEndpoint:
+            self._decline(workload, conn, dst)
+            return
+        if ep.node != out.node:
+            self._decline(workload, conn, dst)
+            return
+        src_id = snap.identity_of(src)
+        src_ip = src.spec.addresses[0]
+        rec = ConnRecord("source", src_ip, src_workload=src, src_identity=src_id.uri,
+                         dst_address=f"{ip}:{port}", dst_service=plan.service,
+                         dst_workload=ep.workload, dst_identity=ep.identity.uri)
+        try:
+            out.delivery.decide(snap, ep.workload, ep.port, src_id, src_ip, rec)
+        except Denied:
+            _reset(conn)
+            self._report(out.delivery.telemetry.closed, rec)
+            return
+        address = (ep.workload.spec.addresses[0], ep.port)
+        try:
+            if self._home is None:
+                self._home = open_home()
+            up = socket_in(ep.workload.spec.netns or None,
+                           socket.AF_INET6 if ":" in address[0] else socket.AF_INET,
+                           socket.SOCK_STREAM | socket.SOCK_NONBLOCK, home=self._home)
+        except OSError:
+            self._decline(workload, conn, dst)
+            return
+        try:
+            up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+        except PermissionError:
+            pass
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        out.stats.started(ep)
+
+        def connected(error: OSError | None) -> None:
+            t = self._clock.current_time()
+            if error is not None:
+                out.stats.finished(ep)
+                out.stats.connect_failed(ep, t)
+                up.close()
+                log.info("fast path: connect to %s:%d failed (%s); the general path takes it",
+                         *address, error)
+                self._decline(workload, conn, dst)
+                return
+            out.stats.connect_latency(ep, t - now, t)
+            rec.dst_address = f"{address[0]}:{address[1]}"
+            self._relay(conn, up, rec, ep, src_id, src_ip)
+
+        self.engine.connect(up, address, out.delivery.connect_timeout, connected)
+
+    def _relay(self, conn: socket.socket, up: socket.socket, rec: ConnRecord, ep, src_id,
+               src_ip: str) -> None:
+        out = self.outbound
+        delivery = out.delivery
+        counters = RelayCounters()
+        canceller = _Cancel(self.engine)
+        w = ep.workload
+        live = Live((w.metadata.namespace, w.metadata.name), ep.port, src_id, src_ip, canceller)
+
+        def ended(pair) -> None:
+            delivery.registry.discard(live)
+            out.stats.finished(ep)
+            rec.request_bytes, rec.response_bytes = counters.a_to_b, counters.b_to_a
+            if live.denied is not None:
+                d = live.denied
+                rec.decision, rec.policy, rec.rule, rec.reason, rec.flags = \
+                    "deny", d.policy, d.rule, f"closed by a policy change: {d.reason}", "DENY"
+            elif pair.error is not None:
+                rec.error = f"{pair.error[1]!r} ({pair.error[0]})"
+            if pair.error is not None:
+                _reset(conn)
+                _reset(up)
+            else:
+                conn.close()
+                up.close()
+            self._report(delivery.telemetry.closed, rec)
+
+        self._report(delivery.telemetry.opened, rec)
+        canceller.pair = self.engine.adopt(conn, up, counters, ended, closing=True)
+        delivery.registry.add(live)          # after adopt: a policy change can cancel it now
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), as relay.abort does for a trio stream."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    except OSError:
+        pass
+    sock.close()
