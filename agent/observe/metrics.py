@@ -29,10 +29,13 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+# prometheus_client is imported at the first scrape, not here: it pulls in http.server, wsgiref,
+# email, urllib.request and gzip (~2 MB of a bare agent's RSS) that an agent nobody scrapes never needs.
 
 log = logging.getLogger("nodemesh.agent.metrics")
 
@@ -137,8 +140,16 @@ class AgentMetrics:
         self._denials: dict[tuple[str, ...], int] = {}
         self._cert_expiry, self._config_version = cert_expiry, config_version
         self._config_rejected, self._listeners = config_rejected, listeners
-        self.registry = CollectorRegistry()
-        self.registry.register(_Collector(self))
+        self._registry: CollectorRegistry | None = None
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """This agent's own registry (never the global one), made at the first scrape."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry   # at the first scrape: see the imports
+            self._registry = CollectorRegistry()
+            self._registry.register(_Collector(self))
+        return self._registry
 
     # --- data path ---------------------------------------------------------------------------
 
@@ -193,6 +204,7 @@ class AgentMetrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition (``CONTENT_TYPE``)."""
+        from prometheus_client import generate_latest   # at the first scrape: see the imports
         return generate_latest(self.registry)
 
 
@@ -201,6 +213,7 @@ class _Collector:
         self._m = m
 
     def collect(self) -> Iterator:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         m = self._m
         tcp = [
             ("nodemesh_tcp_connections_opened", "TCP connections opened.", "opened"),
