@@ -1,6 +1,7 @@
 """cli.py: ``nodemesh agent run`` — a thin click shell over agent/app.py."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -9,6 +10,23 @@ import trio
 from agent import app, bootstrap
 from agent.controlplane import ControlPlaneError
 from agent.redirect.base import RedirectError
+
+
+def _one_malloc_arena() -> None:
+    """Ask glibc for a single malloc arena (M_ARENA_MAX = 1), before any thread exists.
+
+    By default each thread that mallocs gets its own arena (up to 8 per core), and the pages it
+    touches stay resident; the agent's few worker threads (listen_in, redirect checks) are
+    never on the data path, so sharing the main arena costs nothing and saves ~0.8 MB of the
+    idle agent. ``MALLOC_ARENA_MAX`` in the environment still wins. No-op off glibc.
+    """
+    import ctypes   # loaded by trio anyway; here only to reach mallopt
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-8, 1)   # M_ARENA_MAX, from glibc's <malloc.h>
+    except (OSError, AttributeError):
+        pass
 
 
 def _addr(value: str) -> tuple[str, int]:
@@ -51,6 +69,7 @@ def run(node, controller, token_file, ca_file, state_dir, admin, metrics, ready,
                           state_dir=state_dir, admin=_addr(admin), metrics=_addr(metrics), ready=_addr(ready),
                           passthrough=passthrough, connect_timeout=connect_timeout, access_log=access_log,
                           redirect=redirect)
+    _one_malloc_arena()
     try:
         trio.run(app.run, cfg)
     except bootstrap.JoinError as e:
