@@ -159,18 +159,39 @@ def _pyroute2_netns():
     return netns
 
 
+_CLONE_NEWNET = 0x40000000
+_libc = None
+
+
+def _setns(fd: int) -> None:
+    """setns(fd, CLONE_NEWNET) for the calling thread. libc's own through ctypes rather than
+    pyroute2's: the same call, without importing pyroute2's 224 modules (~11 MB of the agent's
+    RSS) for it (``os.setns`` from Python 3.12 on)."""
+    if hasattr(os, "setns"):
+        os.setns(fd, _CLONE_NEWNET)
+        return
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        import ctypes
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _socket_by_setns(fd: int, path: str, family: int, type: int, home_fd: int | None) -> socket.socket:
     home = home_fd if home_fd is not None else open_home()
     try:
         try:
-            _pyroute2_netns().setns(fd, flags=0)
+            _setns(fd)
         except OSError as e:
             raise _enter_error(path, e) from None
         try:
             return socket.socket(family, type)
         finally:
             try:
-                _pyroute2_netns().setns(home, flags=0)
+                _setns(home)
             except OSError as e:   # cannot happen with the rights that let us leave; never hide it
                 log.critical("thread %d stuck in network namespace %s: %s", threading.get_native_id(), path, e)
                 raise NetnsError(path, f"could not return from network namespace {path} to the "

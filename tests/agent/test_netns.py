@@ -320,3 +320,18 @@ async def test_listen_in_port_taken_in_the_pod_but_free_elsewhere(netns_lab):
                 await listen_in(a, "0.0.0.0", 15008)
             assert err.value.errno == errno.EADDRINUSE and err.value.address == ("0.0.0.0", 15008)
             assert err.value.netns == a and "Address already in use" in str(err.value)
+
+
+@pytest.mark.root
+def test_a_socket_in_a_pod_costs_no_pyroute2_import(netns_lab):
+    """setns goes straight to libc: pyroute2 (~11 MB of the agent's RSS) stays out of the
+    process unless the forked path is asked for."""
+    path = netns_lab.add()
+    code = ("import sys, socket; from agent.redirect.netns import socket_in, netns_cookie; "
+            f"s = socket_in({path!r}); host = socket.socket(); "
+            "assert netns_cookie(s) != netns_cookie(host), 'not in the pod'; "
+            "print('pyroute2' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
