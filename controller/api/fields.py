@@ -7,14 +7,18 @@ kinds; every function appends ``FieldError``s to ``errs`` instead of raising.
 from __future__ import annotations
 
 import difflib
-import ipaddress
+from functools import lru_cache
 from typing import Any, Callable
 
 from controller.api.errors import FieldError
+from controller.api.ip import canonical_ip
 from controller.api.meta import FrozenDict, label_key_error, label_value_error
 
 Errs = list[FieldError]
 MISSING = object()
+# label keys and values repeat across objects; the checks are pure, so their answers are kept
+_key_error = lru_cache(maxsize=4096)(label_key_error)
+_value_error = lru_cache(maxsize=4096)(label_value_error)
 
 
 def join(path: str, key: str) -> str:
@@ -116,16 +120,20 @@ def as_port(v: object, path: str, errs: Errs) -> int | None:
 def get_str(m: dict, key: str, path: str, errs: Errs, default: str | None = None,
             check: Callable[[str], str | None] | None = None) -> str | None:
     """A string field: ``default`` when absent (required when default is None), None if invalid."""
-    v = get(m, key, path, errs, required=default is None)
-    if v is MISSING:
+    v = m.get(key)
+    if v is None:
+        if default is None:
+            errs.append(FieldError(join(path, key), "required field is missing"))
         return default
-    s = as_str(v, join(path, key), errs)
-    if s is not None and check is not None:
-        reason = check(s)
+    if not isinstance(v, str):
+        as_str(v, join(path, key), errs)
+        return None
+    if check is not None:
+        reason = check(v)
         if reason:
             errs.append(FieldError(join(path, key), reason))
             return None
-    return s
+    return v
 
 
 def get_bool(m: dict, key: str, path: str, errs: Errs, default: bool) -> bool | None:
@@ -169,9 +177,11 @@ def get_items(m: dict, key: str, path: str, errs: Errs,
               read: Callable[[object, str, Errs], Any], required: bool = False,
               unique: bool = False, non_empty: bool = False) -> tuple | None:
     """A list whose items ``read`` validates; None when any item (or the list) is invalid."""
-    values = get_list(m, key, path, errs, required=required)
-    if values is None:
-        return None
+    values = m.get(key)
+    if type(values) is not list:   # absent, null or not a list: the general path says which
+        values = get_list(m, key, path, errs, required=required)
+        if values is None:
+            return None
     lpath = join(path, key)
     if non_empty and not values:
         errs.append(FieldError(lpath, "must not be empty"))
@@ -194,10 +204,33 @@ def get_items(m: dict, key: str, path: str, errs: Errs,
 def get_string_map(m: dict, key: str, path: str, errs: Errs, labels: bool,
                    required: bool = False) -> FrozenDict | None:
     """A label map (``labels=True``: Kubernetes label rules) or annotation map (any string values)."""
-    v = get(m, key, path, errs, required=required)
-    if v is MISSING:
-        return None if required else FrozenDict()
-    mpath = join(path, key)
+    v = m.get(key)
+    if v is None:
+        if required:
+            errs.append(FieldError(join(path, key), "required field is missing"))
+            return None
+        return _EMPTY
+    if not v:
+        return _EMPTY if isinstance(v, dict) else _string_map_slow(v, join(path, key), errs, labels)
+    if isinstance(v, dict) and _clean_string_map(v, labels):
+        return FrozenDict(v)
+    return _string_map_slow(v, join(path, key), errs, labels)
+
+
+_EMPTY = FrozenDict()
+
+
+def _clean_string_map(d: dict, labels: bool) -> bool:
+    """True when every key and value of ``d`` passes (the common case, checked without paths)."""
+    for k, val in d.items():
+        if type(k) is not str or type(val) is not str or _key_error(k) is not None:
+            return False
+        if labels and _value_error(val) is not None:
+            return False
+    return True
+
+
+def _string_map_slow(v: object, mpath: str, errs: Errs, labels: bool) -> FrozenDict | None:
     d = mapping(v, mpath, errs, "a mapping of strings to strings")
     if d is None:
         return None
@@ -230,7 +263,7 @@ def as_ip(v: object, path: str, errs: Errs) -> str | None:
     if s is None:
         return None
     try:
-        return str(ipaddress.ip_address(s))
+        return canonical_ip(s)
     except ValueError:
         errs.append(FieldError(path, f"must be an IPv4 or IPv6 address, got {shown(s)}"))
         return None

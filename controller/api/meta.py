@@ -45,14 +45,24 @@ class FrozenDict(dict):
 def freeze(obj: object) -> None:
     """Turn a frozen dataclass's list fields into tuples and dict fields into ``FrozenDict``.
 
-    Lets callers build resources from lists and dicts while the values stay hashable.
+    Lets callers build resources from lists and dicts while the values stay hashable. Only the
+    fields annotated as containers (``tuple``, ``dict``, ``list``) are looked at.
     """
-    for f in fields(obj):  # type: ignore[arg-type]
-        v = getattr(obj, f.name)
+    cls = type(obj)
+    names = _CONTAINER_FIELDS.get(cls)
+    if names is None:
+        names = _CONTAINER_FIELDS[cls] = tuple(
+            f.name for f in fields(cls)  # type: ignore[arg-type]
+            if not isinstance(f.type, str) or f.type.startswith(("tuple", "dict", "list")))
+    for name in names:
+        v = getattr(obj, name)
         if isinstance(v, list):
-            object.__setattr__(obj, f.name, tuple(v))
+            object.__setattr__(obj, name, tuple(v))
         elif isinstance(v, dict) and not isinstance(v, FrozenDict):
-            object.__setattr__(obj, f.name, FrozenDict(v))
+            object.__setattr__(obj, name, FrozenDict(v))
+
+
+_CONTAINER_FIELDS: dict[type, tuple[str, ...]] = {}   # per dataclass, found once
 
 
 @dataclass(frozen=True)
