@@ -9,6 +9,7 @@ from controller.api.decode import decode_document, from_dict
 from controller.api.duration import parse_duration
 from controller.api.errors import (ApiError, FieldError, InvalidDuration, InvalidSpiffeId,
                                    ManifestError, Problem, UnknownKind)
+from controller.api.ip import canonical_ip
 from controller.api.kinds import KINDS, KindInfo, resolve_kind
 from controller.api.manifest import dump_json, dump_yaml, parse_manifests
 from controller.api.meta import FrozenDict, ObjectMeta
@@ -23,7 +24,7 @@ __all__ = [
     "FrozenDict", "InvalidDuration", "InvalidSpiffeId", "KINDS", "KindInfo", "LoadBalancer",
     "Locality", "ManifestError", "Mesh", "MeshSpec", "ObjectMeta", "Operation", "Problem",
     "Resource", "Rule", "Service", "ServicePort", "ServiceSpec", "Source", "SpiffeId",
-    "UnknownKind", "Workload", "WorkloadSpec", "decode_document", "dump_json", "dump_yaml",
-    "from_dict", "parse_duration", "parse_manifests", "parse_principal", "parse_spiffe_id",
+    "UnknownKind", "Workload", "WorkloadSpec", "canonical_ip", "decode_document", "dump_json",
+    "dump_yaml", "from_dict", "parse_duration", "parse_manifests", "parse_principal", "parse_spiffe_id",
     "resolve_kind", "to_dict", "workload_spiffe_id",
 ]

@@ -135,15 +135,27 @@ class AuthorizationPolicySpec:
 
 # --- the kinds ----------------------------------------------------------------------------------
 
+class _KeyOnce:
+    """(kind, namespace, name); namespace is "" for cluster-scoped kinds.
+
+    Computed on first use and kept in the instance (resources never change): indexing a large
+    mesh asks for keys hundreds of thousands of times.
+    """
+
+    def __get__(self, obj: Any, cls: type | None = None) -> Any:
+        if obj is None:
+            return self
+        key = (obj.kind, obj.metadata.namespace if obj.namespaced else "", obj.metadata.name)
+        obj.__dict__["key"] = key   # shadows this non-data descriptor from now on
+        return key
+
+
 class _Kind:
     kind: ClassVar[str]
     namespaced: ClassVar[bool]
     metadata: ObjectMeta
 
-    @property
-    def key(self) -> tuple[str, str, str]:
-        """(kind, namespace, name); namespace is "" for cluster-scoped kinds."""
-        return (self.kind, self.metadata.namespace if self.namespaced else "", self.metadata.name)
+    key = _KeyOnce()
 
     @property
     def ref(self) -> str:

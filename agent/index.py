@@ -1,0 +1,286 @@
+"""index.py: the tables behind a ``Snapshot``, built cold from every resource (``Tables.build``).
+
+Pure: no I/O, no trio. Owns what the data path looks up (workloads by address, services by
+vip:port, endpoints, identities, the policies selecting each workload) and the side indices an
+update needs to find what a change touches (workloads by label and namespace, services by
+selector label, policies by namespace). ``agent/delta.py`` updates these tables; the rule the
+two share: tables are never changed once built, and an update gives exactly what a cold build
+of the same resources gives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from agent.policy import CompiledPolicy, PolicySet, compile_policy
+from controller.api import (ApiError, AuthorizationPolicy, Locality, Mesh, ObjectMeta, Resource, Service,
+                            ServicePort, SpiffeId, Workload, canonical_ip, workload_spiffe_id)
+
+ROOT_NAMESPACE = "nodemesh-system"   # policies here apply mesh-wide, subject to their selector
+KINDS = (Mesh, Workload, Service, AuthorizationPolicy)
+
+Key = tuple[str, str, str]           # Resource.key: (kind, namespace, name)
+LabelKey = tuple[str, str, str]      # (namespace, label, value)
+_NONE: frozenset = frozenset()
+
+
+class SnapshotError(Exception):
+    """The resources contradict each other in a way the data path cannot serve.
+
+    ``objects`` names the resources involved (``Workload shop/web-1``, ...).
+    """
+
+    def __init__(self, message: str, objects: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.objects = objects
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One workload behind one Service port: where to connect and whom to expect there."""
+
+    workload: Workload
+    address: str          # the workload's first address
+    port: int             # the Service port's targetPort
+    node: str
+    locality: Locality
+    identity: SpiffeId
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(address, port): how ``balancer.Stats`` and ``exclude`` name this endpoint."""
+        return (self.address, self.port)
+
+
+def resource_key(r: Resource) -> Key:
+    return r.key
+
+
+class Tables:
+    """Every index of one snapshot. Read-only once built; an update makes new tables that share
+    the unchanged dicts and sets with these (so never mutate one in place)."""
+
+    __slots__ = ("node", "mesh", "mesh_given", "workloads", "services", "policies", "local",
+                 "workload_by_key", "service_by_key", "policy_by_key",
+                 "by_ip", "first_ip", "identity", "by_vip_port", "vips",
+                 "by_label", "by_ns", "by_selector", "endpoints", "service_ids",
+                 "compiled", "policies_by_ns", "selected", "sets")
+
+    node: str
+    mesh: Mesh
+    mesh_given: bool                                   # False: the default Mesh stands in
+    workloads: tuple[Workload, ...]                    # each sorted by key
+    services: tuple[Service, ...]
+    policies: tuple[AuthorizationPolicy, ...]
+    local: tuple[Workload, ...]                        # spec.node == node
+    workload_by_key: dict[Key, Workload]
+    service_by_key: dict[Key, Service]
+    policy_by_key: dict[Key, AuthorizationPolicy]
+    by_ip: dict[str, Workload]                         # canonical address -> owner
+    first_ip: dict[Key, str]
+    identity: dict[Key, SpiffeId]
+    by_vip_port: dict[tuple[str, int], tuple[Service, ServicePort]]
+    vips: dict[str, int]                               # canonical vip -> how many Services list it
+    by_label: dict[LabelKey, set[Key]]                 # workload keys; no empty sets
+    by_ns: dict[str, set[Key]]                         # workload keys per namespace
+    by_selector: dict[LabelKey, set[Key]]              # service keys whose selector has the label
+    endpoints: dict[tuple[Key, int], tuple[Endpoint, ...]]
+    service_ids: dict[Key, frozenset[SpiffeId]]
+    compiled: dict[Key, CompiledPolicy]
+    policies_by_ns: dict[str, tuple[AuthorizationPolicy, ...]]   # sorted by key; no empty tuples
+    selected: dict[Key, tuple[AuthorizationPolicy, ...]]
+    sets: dict[Key, PolicySet]
+
+    def copy(self) -> Tables:
+        """A shallow copy: the same dicts, to be replaced (not changed) by whoever updates it."""
+        t = Tables.__new__(Tables)
+        for name in Tables.__slots__:
+            setattr(t, name, getattr(self, name))
+        return t
+
+    def resources(self) -> list[Resource]:
+        """Every resource these tables were built from (the default Mesh only if it was given)."""
+        head: list[Resource] = [self.mesh] if self.mesh_given else []
+        return head + list(self.workloads) + list(self.services) + list(self.policies)
+
+    # --- the cold build -----------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, resources: Iterable[Resource], *, node: str) -> Tables:
+        """Index ``resources`` for ``node``; raises ``SnapshotError`` as ``Snapshot.build`` says."""
+        mesh: Mesh | None = None
+        seen: dict[Key, Resource] = {}
+        for r in resources:
+            if not isinstance(r, KINDS):
+                raise SnapshotError(f"unsupported resource {type(r).__name__}: {r!r:.80}")
+            if r.key in seen:
+                raise SnapshotError(f"{r.ref} appears twice", (r.ref,))
+            seen[r.key] = r
+            if isinstance(r, Mesh):
+                if mesh is not None:
+                    raise SnapshotError(f"two Meshes: {mesh.ref} and {r.ref}; there must be one",
+                                        (mesh.ref, r.ref))
+                mesh = r
+        t = cls.__new__(cls)
+        t.node, t.mesh_given = node, mesh is not None
+        t.mesh = mesh or Mesh(metadata=ObjectMeta(name="default"))
+        ordered = sorted(seen.values(), key=resource_key)
+        t.workloads = tuple(r for r in ordered if isinstance(r, Workload))
+        t.services = tuple(r for r in ordered if isinstance(r, Service))
+        t.policies = tuple(r for r in ordered if isinstance(r, AuthorizationPolicy))
+        t.local = tuple(w for w in t.workloads if w.spec.node == node)
+        t.workload_by_key = {w.key: w for w in t.workloads}
+        t.service_by_key = {s.key: s for s in t.services}
+        t.policy_by_key = {p.key: p for p in t.policies}
+
+        t.by_ip, t.first_ip, t.identity = {}, {}, {}
+        ids: dict[tuple[str, str], SpiffeId] = {}
+        for w in t.workloads:
+            add_workload_addresses(t, w, ids)
+        t.by_vip_port, t.vips = {}, {}
+        for s in t.services:
+            add_service_addresses(t, s)
+
+        t.by_label, t.by_ns, t.by_selector = {}, {}, {}
+        for w in t.workloads:
+            ns = w.metadata.namespace
+            t.by_ns.setdefault(ns, set()).add(w.key)
+            for k, v in w.metadata.labels.items():
+                t.by_label.setdefault((ns, k, v), set()).add(w.key)
+        for s in t.services:
+            ns = s.metadata.namespace
+            for k, v in s.spec.selector.items():
+                t.by_selector.setdefault((ns, k, v), set()).add(s.key)
+        t.endpoints, t.service_ids = {}, {}
+        for s in t.services:
+            set_endpoints(t, s)
+
+        t.compiled = {}
+        for p in t.policies:
+            t.compiled[p.key] = compiled(p)
+        by_ns: dict[str, list[AuthorizationPolicy]] = {}
+        for p in t.policies:
+            by_ns.setdefault(p.metadata.namespace, []).append(p)
+        t.policies_by_ns = {ns: tuple(ps) for ns, ps in by_ns.items()}
+        t.selected, t.sets = {}, {}
+        memo: dict[tuple[Key, ...], PolicySet] = {}
+        for w in t.workloads:
+            choose_policies(t, w, memo)
+        return t
+
+
+# --- steps shared by the cold build and the update (agent/delta.py) -----------------------------
+
+def identity_of(t: Tables, w: Workload, memo: dict[tuple[str, str], SpiffeId]) -> SpiffeId:
+    """``w``'s SPIFFE ID in ``t``'s trust domain; raises ``SnapshotError`` if it is not valid."""
+    k = (w.metadata.namespace, w.spec.service_account)
+    ident = memo.get(k)
+    if ident is None:
+        try:
+            ident = memo[k] = workload_spiffe_id(t.mesh.spec.trust_domain, w)
+        except (ValueError, ApiError) as e:
+            raise SnapshotError(f"{w.ref}: no valid SPIFFE ID: {e}", (w.ref,)) from e
+    return ident
+
+
+def add_workload_addresses(t: Tables, w: Workload, ids: dict[tuple[str, str], SpiffeId]) -> list[str]:
+    """Index ``w``'s identity and addresses into ``t.identity``, ``t.by_ip`` and ``t.first_ip``
+    (which the caller owns); returns the canonical addresses. Raises ``SnapshotError`` for an
+    invalid identity, an address that does not parse or one another workload owns."""
+    t.identity[w.key] = identity_of(t, w, ids)
+    ips = []
+    for raw in w.spec.addresses:
+        try:
+            ip = canonical_ip(raw)
+        except ValueError as e:
+            raise SnapshotError(f"{w.ref}: address {raw!r} is not an IP address", (w.ref,)) from e
+        other = t.by_ip.get(ip)
+        if other is not None and other is not w:
+            raise SnapshotError(f"address {ip} is claimed by both {other.ref} and {w.ref}",
+                                (other.ref, w.ref))
+        t.by_ip[ip] = w
+        t.first_ip.setdefault(w.key, ip)
+        ips.append(ip)
+    return ips
+
+
+def add_service_addresses(t: Tables, s: Service) -> None:
+    """Index ``s``'s vip:ports into ``t.by_vip_port`` and ``t.vips`` (which the caller owns).
+    Raises ``SnapshotError`` for a vip that does not parse or is a workload address, a port
+    listed twice, or a vip:port another Service claims."""
+    listed = set()
+    for raw in s.spec.addresses:
+        try:
+            vip = canonical_ip(raw)
+        except ValueError as e:
+            raise SnapshotError(f"{s.ref}: address {raw!r} is not an IP address", (s.ref,)) from e
+        owner = t.by_ip.get(vip)
+        if owner is not None:
+            raise SnapshotError(f"address {vip} is both a vip of {s.ref} and an address of "
+                                f"{owner.ref}", (s.ref, owner.ref))
+        for sp in s.spec.ports:
+            other = t.by_vip_port.get((vip, sp.port))
+            if other is not None and other[0] is s:
+                raise SnapshotError(f"{s.ref} lists port {sp.port} twice", (s.ref,))
+            if other is not None:
+                raise SnapshotError(f"{vip}:{sp.port} is claimed by both {other[0].ref} and "
+                                    f"{s.ref}", (other[0].ref, s.ref))
+            t.by_vip_port[(vip, sp.port)] = (s, sp)
+        listed.add(vip)
+    for vip in listed:
+        t.vips[vip] = t.vips.get(vip, 0) + 1
+
+
+def members(t: Tables, ns: str, selector: dict[str, str]) -> set[Key] | frozenset:
+    """Keys of the workloads of ``ns`` whose labels include ``selector`` (empty: none). The
+    answer may be one of ``t``'s own sets: do not change it."""
+    sets = [t.by_label.get((ns, k, v), _NONE) for k, v in selector.items()]
+    if not sets:
+        return _NONE
+    if len(sets) == 1:
+        return sets[0]
+    sets.sort(key=len)
+    return sets[0].intersection(*sets[1:])
+
+
+def set_endpoints(t: Tables, s: Service) -> None:
+    """A Workload backs a Service when they share the namespace and the selector's labels are a
+    subset of the workload's (an empty selector selects nothing, as in Kubernetes). One endpoint
+    per workload and port, at the workload's first address, ordered by workload key; declared
+    workload ports are not consulted (like a numeric targetPort in Kubernetes). Writes
+    ``t.endpoints`` and ``t.service_ids``, which the caller owns."""
+    by_key, first_ip, identity = t.workload_by_key, t.first_ip, t.identity
+    chosen = [by_key[k] for k in sorted(members(t, s.metadata.namespace, s.spec.selector))]
+    t.service_ids[s.key] = frozenset(identity[w.key] for w in chosen)
+    for sp in s.spec.ports:
+        t.endpoints[(s.key, sp.port)] = tuple(
+            Endpoint(workload=w, address=first_ip[w.key], port=sp.target_port, node=w.spec.node,
+                     locality=w.spec.locality, identity=identity[w.key]) for w in chosen)
+
+
+def compiled(p: AuthorizationPolicy) -> CompiledPolicy:
+    try:
+        return compile_policy(p)
+    except (ValueError, ApiError) as e:
+        raise SnapshotError(f"{p.ref} does not compile: {e}", (p.ref,)) from e
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def choose_policies(t: Tables, w: Workload, memo: dict[tuple[Key, ...], PolicySet]) -> None:
+    """The policies selecting ``w``: mesh-wide ones (root namespace) first so a DENY from there is
+    the one named when both match, then ``w``'s namespace, each by key. Writes ``t.selected``
+    and ``t.sets`` (which the caller owns); ``memo`` shares equal PolicySets."""
+    labels, ns = w.metadata.labels, w.metadata.namespace
+    root = t.policies_by_ns.get(ROOT_NAMESPACE, ())
+    mine = t.policies_by_ns.get(ns, ()) if ns != ROOT_NAMESPACE else ()
+    chosen = tuple(p for p in root + mine if _selects(p.spec.selector, labels)) if root or mine else ()
+    t.selected[w.key] = chosen
+    keys = tuple(p.key for p in chosen)
+    ps = memo.get(keys)
+    if ps is None:
+        ps = memo[keys] = PolicySet.of(t.compiled[k] for k in keys)
+    t.sets[w.key] = ps
