@@ -1,24 +1,30 @@
 """config_scale.py: (f) what it costs the agent to take a large mesh config, measured in-process.
 
-    python -m bench.config_scale [--services 1000] [--endpoints 10000] [--runs 5] [--deltas 20]
+    python -m bench.config_scale [--services 1000] [--endpoints 10000] [--runs 5] [--deltas 50]
 
 Builds controller-shaped dicts (what the watch stream carries) for S Services selecting E
 Workloads in total (E/S each, spread over 100 nodes and 10 namespaces), then measures the
 agent's own code: ``agent.sync.Decoder.build`` (decode from dicts + ``Snapshot.build``) cold,
 the RSS the process grows by to hold the raw objects, the decoded resources and the snapshot,
-and the latency of applying a one-object delta (a Workload's labels change) with a warm
-decoder. Prints one JSON object. Run in a fresh process so RSS means something.
+and the latency of applying a one-object delta (a Workload's labels change) the way the agent
+does: ``Resources.apply`` of the watch event, then ``Decoder.build`` with the decoder that follows
+those Resources (decode what changed + ``Snapshot.update``). Also the snapshot file: a first
+write (``save_cold_s``) and the write after each delta (``save_delta_s``; the agent does these
+in a worker thread, coalesced). Prints one JSON object. Run in a fresh process so RSS means
+something.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
 from agent.state import Snapshot
-from agent.sync import Decoder, Resources
+from agent.sync import Decoder, Resources, SnapshotFile
 
 
 def rss_kb() -> int:
@@ -63,7 +69,7 @@ def main() -> None:
     ap.add_argument("--services", type=int, default=1000)
     ap.add_argument("--endpoints", type=int, default=10000)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--deltas", type=int, default=20)
+    ap.add_argument("--deltas", type=int, default=50)
     ap.add_argument("--budget", type=float, default=30.0, help="seconds; deltas stop repeating after this (the cold runs always all run)")
     a = ap.parse_args()
     t_end = time.monotonic() + a.budget
@@ -77,7 +83,6 @@ def main() -> None:
     rss_raw = rss_kb()
 
     cold, snap_only = [], []
-    decoder = None
     rss_built = None
     for run in range(a.runs):
         d = Decoder()
@@ -89,18 +94,30 @@ def main() -> None:
             gc.collect()
             rss_built = rss_kb()
             decoded = [hit[1] for hit in d._cache.values()]   # the decoded resources, for Snapshot.build alone
+            gc.collect()
             t0 = time.perf_counter()
             Snapshot.build(decoded, version=1, node="node-1")
             snap_only.append(time.perf_counter() - t0)
-        decoder = d
-        del snap
+            del decoded
+        del d, snap
 
-    # deltas: one Workload's labels change (new resourceVersion), warm decoder, full rebuild
-    deltas = []
-    key = next(k for k in res.objects if k[0] == "Workload")
+    # the agent's one decoder, following the Resources it builds from (cold once, then deltas)
+    gc.collect()
+    decoder = Decoder()
+    decoder.build(res, node="node-1")
+    out = Path(tempfile.mkdtemp(prefix="config-scale-")) / "snapshot.json"
+    file = SnapshotFile(out)
+    t0 = time.perf_counter()
+    file.write(res.version, list(res.objects.values()))
+    save_cold = time.perf_counter() - t0
+
+    # deltas: one Workload's labels change (new resourceVersion), as a watch event
+    deltas, saves = [], []
+    keys = [k for k in res.objects if k[0] == "Workload"]
     for i in range(a.deltas):
         if time.monotonic() > t_end and len(deltas) >= 2:
             break
+        key = keys[(i * 7919) % len(keys)]
         obj = json.loads(json.dumps(res.objects[key]))
         obj["metadata"]["resourceVersion"] = str(res.version + 1)
         obj["metadata"]["labels"]["version"] = f"v{i + 2}"
@@ -108,6 +125,11 @@ def main() -> None:
         res.apply({"type": "MODIFIED", "object": obj})
         decoder.build(res, node="node-1")
         deltas.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        file.write(res.version, list(res.objects.values()))
+        saves.append(time.perf_counter() - t0)
+    out.unlink()
+    out.parent.rmdir()
 
     deltas.sort()
     print(json.dumps({
@@ -118,6 +140,9 @@ def main() -> None:
         "delta_s": deltas,
         "delta_p50_s": deltas[len(deltas) // 2],
         "delta_p99_s": deltas[min(len(deltas) - 1, int(0.99 * len(deltas)))],
+        "deltas": len(deltas),
+        "save_cold_s": save_cold,
+        "save_delta_s": saves, "save_delta_p50_s": statistics.median(saves),
     }))
 
 
