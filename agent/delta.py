@@ -109,8 +109,10 @@ def _by_key(table: dict[Key, R], changes: Mapping[Key, R | None]) -> dict[Key, R
 def _addresses(old: Tables, t: Tables, ws: dict[Key, Workload | None], ss: dict[Key, Service | None]) -> None:
     """Addresses, identities and vips: take the old objects out, put the new ones in, check
     every clash among them and against what stayed."""
-    t.by_ip, t.first_ip, t.identity = old.by_ip.copy(), old.first_ip.copy(), old.identity.copy()
-    t.by_vip_port, t.vips = old.by_vip_port.copy(), old.vips.copy()
+    if ws:
+        t.by_ip, t.identity = old.by_ip.copy(), old.identity.copy()
+    if ss:
+        t.by_vip_port, t.vips = old.by_vip_port.copy(), old.vips.copy()
     for key in ws:
         w = old.workload_by_key.get(key)
         if w is not None:
@@ -118,7 +120,6 @@ def _addresses(old: Tables, t: Tables, ws: dict[Key, Workload | None], ss: dict[
                 ip = canonical_ip(raw)
                 if t.by_ip.get(ip) is w:
                     del t.by_ip[ip]
-            t.first_ip.pop(key, None)
             t.identity.pop(key, None)
     for key in ss:
         s = old.service_by_key.get(key)
@@ -248,11 +249,10 @@ def _policies(old: Tables, t: Tables, ws: dict[Key, Workload | None],
                 t.policies_by_ns[ns] = mine
             else:
                 t.policies_by_ns.pop(ns, None)
-    t.selected, t.sets = old.selected.copy(), old.sets.copy()
+    t.policy_of = old.policy_of.copy()
     for key, w in ws.items():
         if w is None:
-            t.selected.pop(key, None)
-            t.sets.pop(key, None)
+            t.policy_of.pop(key, None)
     memo: dict = {}
     for key in touched:
         w = t.workload_by_key.get(key)

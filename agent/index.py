@@ -63,9 +63,9 @@ class Tables:
 
     __slots__ = ("node", "mesh", "mesh_given", "workloads", "services", "policies", "local",
                  "workload_by_key", "service_by_key", "policy_by_key",
-                 "by_ip", "first_ip", "identity", "by_vip_port", "vips",
+                 "by_ip", "identity", "by_vip_port", "vips",
                  "by_label", "by_ns", "by_selector", "endpoints", "service_ids",
-                 "compiled", "policies_by_ns", "selected", "sets")
+                 "compiled", "policies_by_ns", "policy_of")
 
     node: str
     mesh: Mesh
@@ -78,7 +78,6 @@ class Tables:
     service_by_key: dict[Key, Service]
     policy_by_key: dict[Key, AuthorizationPolicy]
     by_ip: dict[str, Workload]                         # canonical address -> owner
-    first_ip: dict[Key, str]
     identity: dict[Key, SpiffeId]
     by_vip_port: dict[tuple[str, int], tuple[Service, ServicePort]]
     vips: dict[str, int]                               # canonical vip -> how many Services list it
@@ -89,8 +88,7 @@ class Tables:
     service_ids: dict[Key, frozenset[SpiffeId]]
     compiled: dict[Key, CompiledPolicy]
     policies_by_ns: dict[str, tuple[AuthorizationPolicy, ...]]   # sorted by key; no empty tuples
-    selected: dict[Key, tuple[AuthorizationPolicy, ...]]
-    sets: dict[Key, PolicySet]
+    policy_of: dict[Key, tuple[tuple[AuthorizationPolicy, ...], PolicySet]]   # selecting, compiled
 
     def copy(self) -> Tables:
         """A shallow copy: the same dicts, to be replaced (not changed) by whoever updates it."""
@@ -134,7 +132,7 @@ class Tables:
         t.service_by_key = {s.key: s for s in t.services}
         t.policy_by_key = {p.key: p for p in t.policies}
 
-        t.by_ip, t.first_ip, t.identity = {}, {}, {}
+        t.by_ip, t.identity = {}, {}
         ids: dict[tuple[str, str], SpiffeId] = {}
         for w in t.workloads:
             add_workload_addresses(t, w, ids)
@@ -163,7 +161,7 @@ class Tables:
         for p in t.policies:
             by_ns.setdefault(p.metadata.namespace, []).append(p)
         t.policies_by_ns = {ns: tuple(ps) for ns, ps in by_ns.items()}
-        t.selected, t.sets = {}, {}
+        t.policy_of = {}
         memo: dict[tuple[Key, ...], PolicySet] = {}
         for w in t.workloads:
             choose_policies(t, w, memo)
@@ -185,8 +183,8 @@ def identity_of(t: Tables, w: Workload, memo: dict[tuple[str, str], SpiffeId]) -
 
 
 def add_workload_addresses(t: Tables, w: Workload, ids: dict[tuple[str, str], SpiffeId]) -> list[str]:
-    """Index ``w``'s identity and addresses into ``t.identity``, ``t.by_ip`` and ``t.first_ip``
-    (which the caller owns); returns the canonical addresses. Raises ``SnapshotError`` for an
+    """Index ``w``'s identity and addresses into ``t.identity`` and ``t.by_ip`` (which the caller
+    owns); returns the canonical addresses. Raises ``SnapshotError`` for an
     invalid identity, an address that does not parse or one another workload owns."""
     t.identity[w.key] = identity_of(t, w, ids)
     ips = []
@@ -200,7 +198,6 @@ def add_workload_addresses(t: Tables, w: Workload, ids: dict[tuple[str, str], Sp
             raise SnapshotError(f"address {ip} is claimed by both {other.ref} and {w.ref}",
                                 (other.ref, w.ref))
         t.by_ip[ip] = w
-        t.first_ip.setdefault(w.key, ip)
         ips.append(ip)
     return ips
 
@@ -250,13 +247,14 @@ def set_endpoints(t: Tables, s: Service) -> None:
     per workload and port, at the workload's first address, ordered by workload key; declared
     workload ports are not consulted (like a numeric targetPort in Kubernetes). Writes
     ``t.endpoints`` and ``t.service_ids``, which the caller owns."""
-    by_key, first_ip, identity = t.workload_by_key, t.first_ip, t.identity
+    by_key, identity = t.workload_by_key, t.identity
     chosen = [by_key[k] for k in sorted(members(t, s.metadata.namespace, s.spec.selector))]
     t.service_ids[s.key] = frozenset(identity[w.key] for w in chosen)
+    first = [canonical_ip(w.spec.addresses[0]) for w in chosen]   # valid: the workloads are indexed
     for sp in s.spec.ports:
         t.endpoints[(s.key, sp.port)] = tuple(
-            Endpoint(workload=w, address=first_ip[w.key], port=sp.target_port, node=w.spec.node,
-                     locality=w.spec.locality, identity=identity[w.key]) for w in chosen)
+            Endpoint(workload=w, address=ip, port=sp.target_port, node=w.spec.node,
+                     locality=w.spec.locality, identity=identity[w.key]) for w, ip in zip(chosen, first))
 
 
 def compiled(p: AuthorizationPolicy) -> CompiledPolicy:
@@ -272,15 +270,14 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 def choose_policies(t: Tables, w: Workload, memo: dict[tuple[Key, ...], PolicySet]) -> None:
     """The policies selecting ``w``: mesh-wide ones (root namespace) first so a DENY from there is
-    the one named when both match, then ``w``'s namespace, each by key. Writes ``t.selected``
-    and ``t.sets`` (which the caller owns); ``memo`` shares equal PolicySets."""
+    the one named when both match, then ``w``'s namespace, each by key. Writes ``t.policy_of``
+    (which the caller owns); ``memo`` shares equal PolicySets."""
     labels, ns = w.metadata.labels, w.metadata.namespace
     root = t.policies_by_ns.get(ROOT_NAMESPACE, ())
     mine = t.policies_by_ns.get(ns, ()) if ns != ROOT_NAMESPACE else ()
     chosen = tuple(p for p in root + mine if _selects(p.spec.selector, labels)) if root or mine else ()
-    t.selected[w.key] = chosen
     keys = tuple(p.key for p in chosen)
     ps = memo.get(keys)
     if ps is None:
         ps = memo[keys] = PolicySet.of(t.compiled[k] for k in keys)
-    t.sets[w.key] = ps
+    t.policy_of[w.key] = (chosen, ps)

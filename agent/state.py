@@ -111,12 +111,14 @@ class Snapshot:
     def policies_for(self, workload: Workload) -> tuple[AuthorizationPolicy, ...]:
         """The policies that select ``workload``: mesh-wide ones (root namespace) first, then the
         workload's namespace, each by name. Empty for a workload not in the snapshot."""
-        return self._t.selected.get(workload.key, ())
+        row = self._t.policy_of.get(workload.key)
+        return row[0] if row is not None else ()
 
     def policy_set(self, workload: Workload) -> PolicySet | None:
         """The compiled form of ``policies_for``, split by action; None for a workload not in the
         snapshot (``policy.authorize`` denies those)."""
-        return self._t.sets.get(workload.key)
+        row = self._t.policy_of.get(workload.key)
+        return row[1] if row is not None else None
 
 
 # --- the holder ---------------------------------------------------------------------------------

@@ -52,8 +52,12 @@ def decode_document(doc: object, *, default_namespace: str = "default",
     if m is None:
         return None, "document", errs
     f.check_fields(m, path, _TOP, errs)
-    api_version = f.get_str(m, "apiVersion", path, errs, check=_api_version_error)
-    kind = f.get_str(m, "kind", path, errs, check=_kind_error)
+    api_version = m.get("apiVersion")       # the common, valid case first; get_str explains the rest
+    if api_version != API_VERSION:
+        api_version = f.get_str(m, "apiVersion", path, errs, check=_api_version_error)
+    kind = m.get("kind")
+    if type(kind) is not str or kind not in _CLASSES:
+        kind = f.get_str(m, "kind", path, errs, check=_kind_error)
     cls = _CLASSES.get(kind or "")
     meta = _metadata(m, path, errs, cls, default_namespace)
     ref = _ref(m, cls, default_namespace)
@@ -121,7 +125,8 @@ def _metadata(m: dict, path: str, errs: Errs, cls: type | None,
         namespace = default_namespace
     labels = f.get_string_map(d, "labels", mpath, errs, labels=True)
     annotations = f.get_string_map(d, "annotations", mpath, errs, labels=False)
-    server = [f.get_str(d, k, mpath, errs, default="") for k in ("uid", "resourceVersion", "creationTimestamp")]
+    server = [v if type(v := d.get(k, "")) is str else f.get_str(d, k, mpath, errs, default="")
+              for k in ("uid", "resourceVersion", "creationTimestamp")]
     if len(errs) > n or name is None or namespace is None:
         return None
     return ObjectMeta(name=name, namespace=namespace, labels=labels, annotations=annotations,
@@ -170,10 +175,13 @@ def _cgroup_error(s: str) -> str | None:
     return None
 
 
+_NO_LOCALITY = Locality()   # immutable, so one serves every workload without a locality
+
+
 def _locality(d: dict, path: str, errs: Errs) -> Locality | None:
     raw = f.get(d, "locality", path, errs, required=False)
     if raw is f.MISSING:
-        return Locality()
+        return _NO_LOCALITY
     lpath = f.join(path, "locality")
     m = f.mapping(raw, lpath, errs)
     if m is None:

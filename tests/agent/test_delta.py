@@ -88,8 +88,8 @@ def tables(t: Tables) -> dict:
     """Every table in comparable form (compiled policies compared by the policy they compile)."""
     out = {name: getattr(t, name) for name in Tables.__slots__}
     out["compiled"] = {k: c.policy for k, c in t.compiled.items()}
-    out["sets"] = {k: tuple(tuple(c.policy for c in part) for part in (ps.deny, ps.allow, ps.audit))
-                   for k, ps in t.sets.items()}
+    out["policy_of"] = {k: (chosen, tuple(tuple(c.policy for c in part) for part in (ps.deny, ps.allow, ps.audit)))
+                        for k, (chosen, ps) in t.policy_of.items()}
     return out
 
 
