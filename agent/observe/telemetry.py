@@ -73,7 +73,8 @@ def labels_of(rec: Any) -> ConnectionLabels:
 def record_of(rec: Any, *, now: float | None = None) -> dict:
     """The access-log record of a connection record; ``now`` is ``time.monotonic()`` at close."""
     src, dst = rec.src_workload, rec.dst_workload
-    now = time.monotonic() if now is None else now
+    if now is None:
+        now = getattr(rec, "end", None) or time.monotonic()
     return connection_record(
         start_time=rec.start_wall, duration=now - rec.start, reporter=rec.reporter,
         src_address=rec.src_address,

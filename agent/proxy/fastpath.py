@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 from collections import deque
 from typing import Callable
 
@@ -139,6 +140,7 @@ class FastPath:
             out.delivery.decide(snap, ep.workload, ep.port, src_id, src_ip, rec)
         except Denied:
             _reset(conn)
+            rec.end = time.monotonic()
             self._report(out.delivery.telemetry.closed, rec)
             return
         address = (ep.workload.spec.addresses[0], ep.port)
@@ -186,6 +188,7 @@ class FastPath:
         def ended(pair) -> None:
             delivery.registry.discard(live)
             out.stats.finished(ep)
+            rec.end = time.monotonic()           # the report waits for its batch
             rec.request_bytes, rec.response_bytes = counters.a_to_b, counters.b_to_a
             if live.denied is not None:
                 d = live.denied

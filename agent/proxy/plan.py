@@ -90,3 +90,4 @@ class ConnRecord:
     opened: bool = False               # counted as opened (telemetry sets it)
     start_wall: float = field(default_factory=time.time)
     start: float = field(default_factory=time.monotonic)
+    end: float | None = None           # monotonic time it closed, when reported later than that

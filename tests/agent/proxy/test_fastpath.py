@@ -9,6 +9,7 @@ import socket
 import pytest
 import trio
 
+from agent.observe.telemetry import record_of
 from agent.proxy.fastpath import FastPath
 from agent.proxy.splice import SpliceEngine
 from tests.agent.proxy.test_mesh_path import (BASE, DENY_WEB, LOCAL_VIP, VIP, WEB, closed_without_answer,
@@ -68,6 +69,9 @@ async def test_a_local_endpoint_is_served_on_the_engine_thread(fast):
     assert rec.dst_address.startswith("127.0.1.3:")
     assert node1.pools.stats() == {} and seen == ["127.0.1.3"]
     assert len(node1.registry) == 0 and len(f.engine) == 0
+    # reported in a batch, but the access log's duration ends when the connection did
+    assert rec.start <= rec.end
+    assert record_of(rec)["duration_ms"] == round((rec.end - rec.start) * 1000)
 
 
 async def test_a_remote_endpoint_is_handed_to_the_trio_path_with_its_destination(fast):
