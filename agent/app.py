@@ -103,7 +103,8 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         outbound = Outbound(delivery, identity, pools, redirector.original_destination, cfg.node,
                             passthrough=cfg.passthrough, rng=rng)
         fast = FastPath(outbound, engine, redirector.original_destination_sync,
-                        lambda w, stream, dst: listeners.hand_over(w, partial(outbound.handle, dst=dst), stream))
+                        lambda w, stream, dst, picked: listeners.hand_over(
+                            w, partial(outbound.handle, dst=dst, picked=picked), stream))
         listeners = Listeners(Handlers(outbound.handle, inbound.plaintext, inbound.hbone,
                                        serve_outbound=fast.serve))
 

@@ -23,7 +23,7 @@ import trio
 from agent.balancer import NoEndpoint, pick
 from agent.proxy.connections import Live
 from agent.proxy.inbound import Denied
-from agent.proxy.outbound import Outbound
+from agent.proxy.outbound import Outbound, Picked
 from agent.proxy.plan import ConnRecord, Upstream, plan_outbound
 from agent.proxy.relay import PROXY_MARK, RelayCounters
 from agent.proxy.splice import SpliceEngine
@@ -33,7 +33,8 @@ from controller.api import Workload
 log = logging.getLogger("nodemesh.agent.fastpath")
 
 REPORT_DELAY = 0.05      # seconds a metric or access-log line may wait (Envoy flushes logs each 1 s)
-HandOver = Callable[[Workload, trio.SocketStream, "tuple[str, int] | None"], None]   # trio thread
+# (workload, stream, original destination or None, the endpoint picked or None); trio thread
+HandOver = Callable[[Workload, trio.SocketStream, "tuple[str, int] | None", "Picked | None"], None]
 _RESET = struct.pack("ii", 1, 0)
 
 
@@ -78,13 +79,21 @@ class FastPath:
         self.engine.listen(sock, lambda conn: self._accept(workload, conn))
         return lambda: self.engine.unlisten(sock)
 
+    # Both run as trio run_sync_soon callbacks, which must never raise.
+
     def _drain(self) -> None:
         while self._reports:
             fn, rec = self._reports.popleft()
-            fn(rec)
+            fn(rec)                                      # Telemetry never raises
 
-    def _hand_over_now(self, workload: Workload, conn: socket.socket, dst) -> None:
-        self._hand_over(workload, trio.SocketStream(trio.socket.from_stdlib_socket(conn)), dst)
+    def _hand_over_now(self, workload: Workload, conn: socket.socket, dst, picked) -> None:
+        try:
+            self._hand_over(workload, trio.SocketStream(trio.socket.from_stdlib_socket(conn)), dst,
+                            picked)
+        except Exception as e:                           # e.g. the agent is shutting down
+            log.info("dropping a connection of %s/%s: %s", workload.metadata.namespace,
+                     workload.metadata.name, e)
+            _reset(conn)
 
     # --- engine thread ------------------------------------------------------------------------
 
@@ -103,10 +112,18 @@ class FastPath:
         if len(self._reports) == 1:
             self.engine.later(REPORT_DELAY, lambda: self._post(self._drain))
 
-    def _decline(self, workload: Workload, conn: socket.socket, dst) -> None:
-        self._post(self._hand_over_now, workload, conn, dst)
+    def _decline(self, workload: Workload, conn: socket.socket, dst, picked: Picked | None = None) -> None:
+        self._post(self._hand_over_now, workload, conn, dst, picked)
 
     def _accept(self, workload: Workload, conn: socket.socket) -> None:
+        try:
+            self._start(workload, conn)
+        except Exception:
+            log.exception("fast path failed on a connection of %s/%s; the general path takes it",
+                          workload.metadata.namespace, workload.metadata.name)
+            self._decline(workload, conn, None)
+
+    def _start(self, workload: Workload, conn: socket.socket) -> None:
         out = self.outbound
         snap = out.delivery.holder.current
         src = snap.workload(workload.metadata.namespace, workload.metadata.name) or workload
@@ -129,7 +146,7 @@ class FastPath:
             self._decline(workload, conn, dst)
             return
         if ep.node != out.node:
-            self._decline(workload, conn, dst)
+            self._decline(workload, conn, dst, Picked(ep))
             return
         src_id = snap.identity_of(src)
         src_ip = src.spec.addresses[0]
@@ -150,8 +167,8 @@ class FastPath:
             up = socket_in(ep.workload.spec.netns or None,
                            socket.AF_INET6 if ":" in address[0] else socket.AF_INET,
                            socket.SOCK_STREAM | socket.SOCK_NONBLOCK, home=self._home)
-        except OSError:
-            self._decline(workload, conn, dst)
+        except OSError as e:
+            self._decline(workload, conn, dst, Picked(ep, failed=str(e)))
             return
         try:
             up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
@@ -161,6 +178,15 @@ class FastPath:
         out.stats.started(ep)
 
         def connected(error: OSError | None) -> None:
+            try:
+                done(error)
+            except Exception:
+                log.exception("fast path failed after connecting to %s:%d", *address)
+                out.stats.finished(ep)
+                up.close()
+                _reset(conn)
+
+        def done(error: OSError | None) -> None:
             t = self._clock.current_time()
             if error is not None:
                 out.stats.finished(ep)
@@ -168,7 +194,7 @@ class FastPath:
                 up.close()
                 log.info("fast path: connect to %s:%d failed (%s); the general path takes it",
                          *address, error)
-                self._decline(workload, conn, dst)
+                self._decline(workload, conn, dst, Picked(ep, failed=f"{address[0]}:{address[1]}: {error}"))
                 return
             out.stats.connect_latency(ep, t - now, t)
             rec.dst_address = f"{address[0]}:{address[1]}"

@@ -29,6 +29,15 @@ from controller.api import SpiffeId, Workload
 log = logging.getLogger("nodemesh.agent.outbound")
 
 
+@dataclass(frozen=True)
+class Picked:
+    """The endpoint the fast path chose for a connection it hands over: to try first, or
+    (``failed``: why) already tried."""
+
+    endpoint: Endpoint
+    failed: str = ""
+
+
 class Pools:
     """One HBONE pool per local source workload, dialling from that workload's netns."""
 
@@ -79,9 +88,11 @@ class Outbound:
     stats: Stats = field(default_factory=Stats)
 
     async def handle(self, workload: Workload, stream: trio.SocketStream,
-                     dst: tuple[str, int] | None = None) -> None:
+                     dst: tuple[str, int] | None = None, picked: Picked | None = None) -> None:
         """15001: one connection a local workload made; its original destination (``dst`` when
-        the fast path has read it already) says where to."""
+        the fast path has read it already) says where to. ``picked``: the fast path's choice of
+        endpoint, tried first (a remote one), or already tried and failed (a local one), so the
+        balancer's choice is made once per connection."""
         snap = self.delivery.holder.current
         src = snap.workload(workload.metadata.namespace, workload.metadata.name) or workload
         src_id = snap.identity_of(src)
@@ -99,7 +110,7 @@ class Outbound:
                 await self._relay(stream, upstream, rec)
                 return
             rec.dst_service = plan.service
-            await self._to_upstream(snap, src, src_id, src_ip, plan, stream, rec)
+            await self._to_upstream(snap, src, src_id, src_ip, plan, stream, rec, picked)
         except (NoRoute, Denied) as e:
             if isinstance(e, NoRoute):
                 rec.flags, rec.error = e.flags, e.reason
@@ -112,8 +123,9 @@ class Outbound:
             tel.closed(rec)
 
     async def _to_upstream(self, snap: Snapshot, src: Workload, src_id: SpiffeId, src_ip: str,
-                           plan: Upstream, stream: trio.SocketStream, rec: ConnRecord) -> None:
-        upstream, ep = await self._connect(snap, src, src_id, src_ip, plan, rec)
+                           plan: Upstream, stream: trio.SocketStream, rec: ConnRecord,
+                           picked: Picked | None = None) -> None:
+        upstream, ep = await self._connect(snap, src, src_id, src_ip, plan, rec, picked)
         self.delivery.telemetry.opened(rec)
         try:
             if isinstance(upstream, trio.SocketStream):   # same-node fast path: tracked like inbound
@@ -124,16 +136,26 @@ class Outbound:
             self.stats.finished(ep)
 
     async def _connect(self, snap: Snapshot, src: Workload, src_id: SpiffeId, src_ip: str,
-                       plan: Upstream, rec: ConnRecord):
+                       plan: Upstream, rec: ConnRecord, picked: Picked | None = None):
         """Pick and connect, trying other endpoints until one answers or the timeout passes."""
         tried: set = set()
+        first = None
+        if picked is not None:
+            if picked.failed:
+                tried.add(picked.endpoint.key)
+                rec.error = picked.failed
+            else:
+                first = picked.endpoint
         with trio.move_on_after(self.delivery.connect_timeout):
             while True:
                 now = trio.current_time()
                 try:
-                    ep = pick(plan.endpoints, algorithm=plan.algorithm, stats=self.stats, rng=self.rng,
-                              locality=src.spec.locality, locality_failover=plan.locality_failover,
-                              exclude=frozenset(tried), now=now, service=plan.name)
+                    if first is not None:
+                        ep, first = first, None
+                    else:
+                        ep = pick(plan.endpoints, algorithm=plan.algorithm, stats=self.stats, rng=self.rng,
+                                  locality=src.spec.locality, locality_failover=plan.locality_failover,
+                                  exclude=frozenset(tried), now=now, service=plan.name)
                 except NoEndpoint as e:
                     raise NoRoute(f"{e}; last error: {rec.error or 'none'}", "UF") from None
                 self.stats.started(ep)

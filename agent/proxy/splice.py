@@ -131,6 +131,7 @@ class SpliceEngine:
                 self._connected(fd, ConnectionAbortedError(errno.ECONNABORTED, "agent shutting down"))
             for fd in (self._wake_r, self._wake_w, *[fd for p in self._pipes for fd in p]):
                 os.close(fd)
+            self._wake_r = self._wake_w = -1
             self._pipes.clear()
             self._epoll.close()
 
@@ -270,6 +271,8 @@ class SpliceEngine:
             on_accept(conn)
 
     def _post(self, verb: str, pair) -> None:
+        if self._wake_w < 0:
+            return                            # stopped: run() has ended and closed everything
         self._control.append((verb, pair))
         try:
             os.write(self._wake_w, b"x")

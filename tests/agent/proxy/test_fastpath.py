@@ -13,7 +13,7 @@ from agent.observe.telemetry import record_of
 from agent.proxy.fastpath import FastPath
 from agent.proxy.splice import SpliceEngine
 from tests.agent.proxy.test_mesh_path import (BASE, DENY_WEB, LOCAL_VIP, VIP, WEB, closed_without_answer,
-                                              mesh, round_trip, wl)  # noqa: F401 (mesh: fixture)
+                                              mesh, round_trip, svc, wl)  # noqa: F401 (mesh: fixture)
 
 
 class Fast:
@@ -24,16 +24,18 @@ class Fast:
         self.engine = SpliceEngine()
         self.orig: dict[int, tuple[str, int]] = {}
         self.handed: list[tuple[str, int] | None] = []
+        self.picked: list = []
         self.path = FastPath(node.outbound, self.engine, lambda s: self.orig[s.getsockname()[1]],
                              self._hand_over)
 
-    def _hand_over(self, workload, stream, dst):
+    def _hand_over(self, workload, stream, dst, picked):
         self.handed.append(dst)
-        self.nursery.start_soon(self._serve, workload, stream, dst)
+        self.picked.append(picked)
+        self.nursery.start_soon(self._serve, workload, stream, dst, picked)
 
-    async def _serve(self, workload, stream, dst):
+    async def _serve(self, workload, stream, dst, picked):
         async with stream:
-            await self.node.outbound.handle(workload, stream, dst)
+            await self.node.outbound.handle(workload, stream, dst, picked)
 
     async def connect(self, workload_name: str, target: tuple[str, int]) -> trio.SocketStream:
         w = self.node.holder.current.workload("shop", workload_name)
@@ -143,3 +145,17 @@ async def test_stopping_serving_closes_the_listener(fast):
             except ConnectionRefusedError:
                 break
             await trio.sleep(0.02)
+
+
+async def test_the_balancer_chooses_once_per_connection(fast):
+    f, node1, _, seen = fast
+    # round robin over a local and a remote replica: the fast path's choice is the one used,
+    # a remote one handed over with it, so the rotation alternates
+    node1.publish(BASE + [svc("web-all", "10.96.0.12", {"app": "web"})])
+    with trio.fail_after(15):
+        for _ in range(6):
+            s = await f.connect("client-1", ("10.96.0.12", 80))
+            assert await round_trip(s) == b"hello"
+            await s.aclose()
+    assert sorted(seen) == ["127.0.1.1"] * 3 + ["127.0.1.3"] * 3
+    assert [p.endpoint.address for p in f.picked] == ["127.0.1.1"] * 3
