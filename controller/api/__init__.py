@@ -1,6 +1,7 @@
 """nodemesh's resource contract: kinds, validation, manifests and SPIFFE identities.
 
-Pure and standard-library only (``manifest.py`` alone imports ``yaml``): no I/O, no trio.
+Pure and standard-library only (``manifest.py`` alone imports ``yaml``, loaded on first use of
+the manifest functions): no I/O, no trio.
 Everything may import this package; it imports nothing else of nodemesh.
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ from controller.api.errors import (ApiError, FieldError, InvalidDuration, Invali
                                    ManifestError, Problem, UnknownKind)
 from controller.api.ip import canonical_ip
 from controller.api.kinds import KINDS, KindInfo, resolve_kind
-from controller.api.manifest import dump_json, dump_yaml, parse_manifests
 from controller.api.meta import FrozenDict, ObjectMeta
 from controller.api.resources import (API_VERSION, AuthorizationPolicy, AuthorizationPolicySpec,
                                       LoadBalancer, Locality, Mesh, MeshSpec, Operation, Resource,
@@ -28,3 +28,14 @@ __all__ = [
     "dump_yaml", "from_dict", "parse_duration", "parse_manifests", "parse_principal", "parse_spiffe_id",
     "resolve_kind", "to_dict", "workload_spiffe_id",
 ]
+
+_MANIFEST = ("dump_json", "dump_yaml", "parse_manifests")
+
+
+def __getattr__(name: str):
+    """The manifest functions load ``manifest.py`` (and yaml) on first use: the agent, which
+    never reads YAML, imports this package without them (PEP 562)."""
+    if name in _MANIFEST:
+        from controller.api import manifest
+        return getattr(manifest, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Not on the start path: the redirect modes' kernel libraries (imported only by the mode that
 # needs them), httpx and its stack (the agent's control-plane client speaks h11), and
-# prometheus_client (imported at the first scrape of /metrics).
-NOT_AT_START = ("bcc", "pyroute2", "httpx", "httpcore", "anyio", "certifi", "pygments", "prometheus_client")
+# prometheus_client (imported at the first scrape of /metrics), and yaml (the agent reads no
+# manifests; controller.api loads it on first use of its manifest functions).
+NOT_AT_START = ("bcc", "pyroute2", "httpx", "httpcore", "anyio", "certifi", "pygments", "prometheus_client",
+                "yaml")
 
 
 def loaded_after(code: str) -> set[str]:
