@@ -12,6 +12,7 @@ So on an http port the proxy authorizes each request with method and path, not t
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Union
@@ -28,6 +29,16 @@ MESH_DEFAULT = "mesh/default"   # Deny.policy when the mesh's defaultAction deni
 
 
 # --- facts and decisions ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _source_ip(text: str) -> IPAddress:
+    """The parsed source address (cached: the same few sources connect again and again)."""
+    ip = ipaddress.ip_address(text)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped   # a dual-stack socket's ::ffff:a.b.c.d is the IPv4 source
+    return ip
+
 
 @dataclass(frozen=True)
 class Facts:
@@ -50,10 +61,7 @@ class Facts:
         if (self.method is None) != (self.path is None):
             raise ValueError(f"give both method and path or neither, got method={self.method!r} "
                              f"path={self.path!r}")
-        ip = ipaddress.ip_address(self.source_ip)
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped   # a dual-stack socket's ::ffff:a.b.c.d is the IPv4 source
-        object.__setattr__(self, "ip", ip)
+        object.__setattr__(self, "ip", _source_ip(self.source_ip))
 
 
 @dataclass(frozen=True)

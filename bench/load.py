@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import netns_argv
+from bench import procs
 from bench.topo import PY
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +30,7 @@ def wrk(netns: str, host: str, port: int, *, seconds: float, connections: int, c
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{host}:{port}/1k")
-    p = subprocess.run(netns_argv(netns, argv), capture_output=True, text=True, timeout=seconds + 30)
+    p = subprocess.run(procs.client_argv(netns, argv), capture_output=True, text=True, timeout=seconds + 30)
     out = p.stdout
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     if p.returncode != 0 or not m:
@@ -42,7 +42,7 @@ def wrk(netns: str, host: str, port: int, *, seconds: float, connections: int, c
 
 def latency(netns: str, host: str, port: int, *, rate: float, seconds: float) -> dict:
     argv = [PY, str(HERE / "latclient.py"), host, str(port), str(rate), str(seconds)]
-    p = subprocess.run(netns_argv(netns, argv), capture_output=True, text=True, timeout=seconds + 30)
+    p = subprocess.run(procs.client_argv(netns, argv), capture_output=True, text=True, timeout=seconds + 30)
     if p.returncode != 0:
         raise RuntimeError(f"latclient via {host}:{port} failed: {p.stderr[-800:]}")
     return json.loads(p.stdout)
@@ -51,7 +51,7 @@ def latency(netns: str, host: str, port: int, *, rate: float, seconds: float) ->
 def iperf(netns: str, host: str, port: int, *, seconds: float) -> dict:
     """Bytes received by the server and the rate, client -> server, one stream."""
     argv = ["iperf3", "-c", host, "-p", str(port), "-t", f"{seconds:g}", "-J"]
-    p = subprocess.run(netns_argv(netns, argv), capture_output=True, text=True, timeout=seconds + 30)
+    p = subprocess.run(procs.client_argv(netns, argv), capture_output=True, text=True, timeout=seconds + 30)
     try:
         data = json.loads(p.stdout)
         s = data["end"]["sum_received"]
@@ -64,7 +64,7 @@ class IdleConnections:
     """``with IdleConnections(...)`` holds N idle proxied connections until the block ends."""
 
     def __init__(self, netns: str, host: str, port: int, n: int) -> None:
-        self.argv = netns_argv(netns, [PY, str(HERE / "idleclient.py"), host, str(port), str(n)])
+        self.argv = procs.client_argv(netns, [PY, str(HERE / "idleclient.py"), host, str(port), str(n)])
         self.n = n
 
     def __enter__(self) -> IdleConnections:

@@ -23,6 +23,20 @@ def netns_argv(netns: str | None, argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
 
 
+# The pod's cgroup directory, when the agent redirects with eBPF (its connect4 program is on the
+# pod's cgroup): load generators join it before entering the netns (``ip netns exec`` remounts
+# /sys, KERNEL-NOTES). None with the iptables redirect.
+CLIENT_CGROUP: str | None = None
+
+
+def client_argv(netns: str | None, argv: list[str]) -> list[str]:
+    """``argv`` as a client inside the pod: its netns and, with eBPF, its cgroup."""
+    inner = netns_argv(netns, argv)
+    if CLIENT_CGROUP is None:
+        return inner
+    return ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "sh", CLIENT_CGROUP, *inner]
+
+
 class Supervisor:
     """Starts processes in their own session, each logging to a file; ``close`` ends them all.
 

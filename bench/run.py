@@ -25,7 +25,7 @@ from pathlib import Path
 from contextlib import nullcontext
 
 from bench import scenarios as sc
-from bench import twonode
+from bench import procs, twonode
 from bench.procs import Supervisor
 from bench.topo import (BUF, CLIENT_IP, HTTP_PORT, PY, ROOT, TARGETS, Mesh, PodNetns, http_get_in, restart_baseline,
                         start_app, start_baselines, target_address)
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="runs per target and metric (default 5)")
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ",".join(TARGETS))
     ap.add_argument("--no-profile", action="store_true", help="skip py-spy on the agent during (a) and (c)")
+    ap.add_argument("--redirect", choices=("iptables", "ebpf"), default="iptables",
+                    help="the agent's redirect mode (default iptables; (b) runs with iptables only)")
     ap.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     a = ap.parse_args(argv)
@@ -178,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown scenario(s) {' '.join(unknown)}; choose from {' '.join(ALL)}")
     targets = [t for t in a.targets.split(",") if t]
+    if a.redirect == "ebpf" and "b" in chosen:
+        ap.error("(b) needs --redirect iptables (its direct path and baselines bypass the redirect "
+                 "with iptables rules); run it separately")
 
     def on_term(signum, frame):
         raise SystemExit(128 + signum)
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     report: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "scenarios": list(chosen), "runs": a.runs, "targets": targets,
-                    "settings": {"baseline_buffer_bytes": BUF, "workers": 1,
+                    "settings": {"baseline_buffer_bytes": BUF, "workers": 1, "redirect": a.redirect,
                                  "a": {"wrk_seconds": sc.A_SECONDS, "wrk_connections": sc.A_CONNS,
                                        "latency_rate": sc.A_RATE, "latency_seconds": sc.A_LAT_SECONDS},
                                  "c": {"wrk_seconds": sc.C_SECONDS, "wrk_connections": sc.C_CONNS},
@@ -203,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                     pids["direct"] = None
                 restart = {}
                 if "nodemesh" in targets:
-                    mesh = Mesh(sup, tmp)
+                    mesh = Mesh(sup, tmp, redirect=a.redirect)
+                    if a.redirect == "ebpf":
+                        procs.CLIENT_CGROUP = ns.cgroup
                     if client is not None:
                         twonode.link_pods(client, ns)
                     pids["nodemesh"] = mesh.start(ns, client)

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import procs
 from bench.procs import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +68,10 @@ class PodNetns:
         self.ip = ip
         self.name = f"nmbench-{uuid.uuid4().hex[:6]}"
         self.path = f"/var/run/netns/{self.name}"
+        self.cgroup = f"{cgroup2_root()}/{self.name}"   # the pod's processes, for the eBPF redirect
 
     def __enter__(self) -> PodNetns:
+        os.makedirs(self.cgroup, exist_ok=True)
         sh("ip", "netns", "add", self.name)
         try:
             n = self.name
@@ -92,6 +95,23 @@ class PodNetns:
 
     def __exit__(self, *exc) -> None:
         sh("ip", "netns", "del", self.name, check=False)
+        for _ in range(50):                  # its last processes may still be exiting
+            try:
+                os.rmdir(self.cgroup)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def cgroup2_root() -> str:
+    """Where cgroup v2 is mounted (/sys/fs/cgroup/unified on these hybrid machines)."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        f = line.split()
+        if len(f) > 2 and f[2] == "cgroup2":
+            return f[1]
+    raise RuntimeError("no cgroup2 mount: mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)")
 
 
 # --- the app --------------------------------------------------------------------------------------
@@ -151,7 +171,7 @@ def http_get_in(netns: str, host: str, port: int) -> int:
             "  if not c: break\n"
             "  b+=c\n"
             "print(len(b.split(b'\\r\\n\\r\\n',1)[1]) if b'\\r\\n\\r\\n' in b else -1)\n")
-    p = subprocess.run(["ip", "netns", "exec", netns, PY, "-c", code, host, str(port)],
+    p = subprocess.run(procs.client_argv(netns, [PY, "-c", code, host, str(port)]),
                        capture_output=True, text=True, timeout=30)
     if p.returncode != 0:
         raise RuntimeError(f"GET via {host}:{port} failed: {p.stderr.strip()[-300:]}")
@@ -171,7 +191,8 @@ spec: {{node: node-2, serviceAccount: frontend, addresses: [{CLIENT_IP}], netns:
 apiVersion: nodemesh.io/v1alpha1
 kind: Workload
 metadata: {{name: web-1, namespace: shop, labels: {{app: web}}}}
-spec: {{node: node-1, serviceAccount: web, addresses: [{POD_IP}], ports: [{HTTP_PORT}, {BULK_PORT}], netns: {ns.path}}}
+spec: {{node: node-1, serviceAccount: web, addresses: [{POD_IP}], ports: [{HTTP_PORT}, {BULK_PORT}], netns: {ns.path},
+        cgroup: {ns.cgroup}}}
 ---
 apiVersion: nodemesh.io/v1alpha1
 kind: Service
@@ -185,10 +206,11 @@ spec:
 
 @dataclass
 class Mesh:
-    """A controller and one agent (node-1) as real processes, the pod enrolled with iptables."""
+    """A controller and one agent (node-1) as real processes, the pod enrolled with ``redirect``."""
 
     sup: Supervisor
     tmp: Path
+    redirect: str = "iptables"
     ctl_port: int = field(default_factory=free_port)
     ctl_mport: int = field(default_factory=free_port)
     admin: int = field(default_factory=free_port)
@@ -235,7 +257,7 @@ class Mesh:
                                   "--metrics", f"127.0.0.1:{self.metrics if node == 'node-1' else free_port()}",
                                   "--ready", f"127.0.0.1:{ready}",
                                   "--access-log", str(self.tmp / f"access-{node}.log"),
-                                  "--ca", str(data / "ca" / "bundle.crt"), "--redirect", "iptables",
+                                  "--ca", str(data / "ca" / "bundle.crt"), "--redirect", self.redirect,
                                   "--token", str(self.tmp / f"token-{node}")],
                            env=self.env, cwd=ROOT)
         self._wait(lambda: _http_ok(ready, "/healthz/ready"), name, 60)

@@ -33,7 +33,8 @@ CHUNK = 1 << 20            # the most one splice() may move; a pipe holds 64 KiB
 PIPE_SIZE = 256 * 1024     # F_SETPIPE_SZ: bulk moves in 256 KiB bites (ztunnel's largest read)
 PIPE_POOL = 64             # empty pipes kept for reuse
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+# RDHUP: the peer's FIN is seen with its last data, so EOF is read in the same turn
+_IN, _OUT, _RDHUP = select.EPOLLIN | select.EPOLLRDHUP, select.EPOLLOUT, select.EPOLLRDHUP
 _BAD = select.EPOLLERR | select.EPOLLHUP
 _F_SETPIPE_SZ = 1031
 
@@ -342,7 +343,7 @@ class SpliceEngine:
             if in_dir.pending and events & (_OUT | _BAD):
                 progressed |= self._flush(in_dir, pair)
             if not out_dir.eof and not out_dir.pending and events & (_IN | _BAD):
-                progressed |= self._pump(out_dir, pair)
+                progressed |= self._pump(out_dir, pair, events & (_RDHUP | _BAD))
         except _DirectionError as e:
             self._end(pair, (e.direction, e.error))
             return
@@ -355,8 +356,9 @@ class SpliceEngine:
             return
         self._rearm(pair)
 
-    def _pump(self, d: _Direction, pair: _Pair) -> bool:
-        """Move what src has into the pipe, then on to dst; True if anything happened."""
+    def _pump(self, d: _Direction, pair: _Pair, fin: int = 0) -> bool:
+        """Move what src has into the pipe, then on to dst; True if anything happened. ``fin``:
+        the peer has sent its FIN, so read on to the EOF now."""
         for _ in range(8):                    # bulk: a few bites per turn, then let others run
             if d.pipe is None:
                 d.pipe = self._pipes.pop() if self._pipes else self._new_pipe()
@@ -373,7 +375,7 @@ class SpliceEngine:
                 self._shut(d, pair)
                 return True
             d.pending += n
-            if not self._flush(d, pair) or n < PIPE_SIZE:
+            if not self._flush(d, pair) or (n < PIPE_SIZE and not fin):
                 return True
         return True
 
@@ -439,7 +441,8 @@ class SpliceEngine:
         pair.error = error
         for fd in (pair.a, pair.b):
             self._pairs.pop(fd, None)
-            if pair.masks[fd]:
+            # a closing pair's sockets are closed in finish(), which takes them out of the set
+            if pair.masks[fd] and not (pair.closing and error is None):
                 try:
                     self._epoll.unregister(fd)
                 except (OSError, ValueError):
