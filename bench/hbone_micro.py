@@ -80,14 +80,14 @@ async def serve(directory: Path) -> None:
 
 # --- client (this process) ------------------------------------------------------------------
 
-def _proc_cpu(pid: int) -> float:
+def _proc_cpu(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK     # utime, stime
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK     # utime, stime
 
 
-def _self_cpu() -> float:
+def _self_cpu() -> tuple[float, float]:
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime, r.ru_stime
 
 
 async def _receive_exactly(stream, n: int) -> None:
@@ -138,8 +138,10 @@ async def run_client(port: int, server_pid: int, directory: Path, mode: str, n: 
             with trio.fail_after(120):
                 await body(pool, open_kw, n, payload)
             c1, s1, t1 = _self_cpu(), _proc_cpu(server_pid), time.perf_counter()
-            results.append({"client_us": (c1 - c0) / n * 1e6, "server_us": (s1 - s0) / n * 1e6,
-                            "rps": n / (t1 - t0)})
+            us = lambda a, b: (sum(b) - sum(a)) / n * 1e6           # noqa: E731
+            results.append({"client_us": us(c0, c1), "server_us": us(s0, s1), "rps": n / (t1 - t0),
+                            "client_sys_us": (c1[1] - c0[1]) / n * 1e6,
+                            "server_sys_us": (s1[1] - s0[1]) / n * 1e6})
     return results
 
 
@@ -171,7 +173,8 @@ def main() -> None:
                 print(f"{mode:12s} {args.requests} x {args.size} B, median of {args.runs}: "
                       f"client {med['client_us']:.0f} µs/req ({rng['client_us'][0]:.0f}–{rng['client_us'][1]:.0f}), "
                       f"server {med['server_us']:.0f} µs/req ({rng['server_us'][0]:.0f}–{rng['server_us'][1]:.0f}), "
-                      f"{med['rps']:.0f} req/s ({rng['rps'][0]:.0f}–{rng['rps'][1]:.0f})")
+                      f"{med['rps']:.0f} req/s ({rng['rps'][0]:.0f}–{rng['rps'][1]:.0f}); "
+                      f"of which kernel: client {med['client_sys_us']:.0f}, server {med['server_sys_us']:.0f} µs/req")
                 if args.json:
                     print(json.dumps({"mode": mode, "runs": runs}))
         finally:

@@ -1,7 +1,8 @@
 """h2conn.py: one HTTP/2 connection over a trio byte stream, its streams as trio streams.
 
 The only module that imports h2. Owns framing, flow control and the connection's two tasks
-(a reader that dispatches frames to streams, a writer that alone writes to the transport).
+(a reader that dispatches frames to streams, a writer that finishes sends the kernel could not
+take at once: everything else is written synchronously by whoever queued it).
 Knows nothing of CONNECT semantics, identities, TLS or pooling: hbone.py builds those on top.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import h2.config
 import h2.connection
@@ -106,6 +108,40 @@ def _code_name(code: int) -> str:
         return f"error code {code}"
 
 
+class _Wire(Protocol):
+    """What H2Conn needs of its transport (tlsio.TlsTransport has it; any trio stream is
+    adapted by _StreamWire)."""
+
+    def try_send(self, data: bytes) -> bool: ...      # sync; False: finish_send must run
+    def queue(self, data: bytes) -> None: ...         # sync; sent by the next finish_send
+    async def finish_send(self) -> None: ...
+    async def receive_some(self, max_bytes: int | None = None) -> bytes: ...
+
+
+class _StreamWire:
+    """A trio stream as a _Wire: every write goes through the writer task."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._pending = bytearray()
+
+    def queue(self, data: bytes) -> None:
+        self._pending += data
+
+    def try_send(self, data: bytes) -> bool:
+        self._pending += data
+        return not self._pending
+
+    async def finish_send(self) -> None:
+        while self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            await self._stream.send_all(data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._stream.receive_some(max_bytes)
+
+
 class H2Conn:
     """One HTTP/2 connection. Start ``run`` in a task; it returns when the connection is done.
 
@@ -117,8 +153,12 @@ class H2Conn:
     def __init__(self, transport: trio.abc.Stream, *, client_side: bool,
                  max_concurrent_streams: int = 100,
                  on_request: Callable[[HboneStream, Headers], None] | None = None) -> None:
+        # Outbound headers are built by hbone.py from parsed, normalised values: h2 need not
+        # re-validate or re-normalise them on every request.
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
-                                           validate_inbound_headers=client_side)
+                                           validate_inbound_headers=client_side,
+                                           validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self._h2 = h2.connection.H2Connection(config)
         self._h2.local_settings = h2.settings.Settings(client=client_side, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
@@ -131,19 +171,21 @@ class H2Conn:
         # it derived from the old object at construction must follow.
         self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
         self._transport = transport
+        self._wire: _Wire = transport if hasattr(transport, "try_send") else _StreamWire(transport)
         self._on_request = on_request
         self._streams: dict[int, HboneStream] = {}
         self._failure: HboneError | None = None   # set once the connection is unusable
         self._goaway = False                       # no new streams (either side said GOAWAY)
-        self._write_wanted = False
-        self._write_lot = trio.lowlevel.ParkingLot()
-        self._queued_gen = 0
-        self._sent_gen = 0
-        self._sent_lot = trio.lowlevel.ParkingLot()
+        self._blocked = False                      # the transport holds unsent bytes
+        self._writer_lot = trio.lowlevel.ParkingLot()   # the writer waits here for _blocked
+        self._drained_lot = trio.lowlevel.ParkingLot()  # streams wait here while _blocked
         self._changed = trio.lowlevel.ParkingLot()  # stream count or liveness changed
+        self._idle_lot = trio.lowlevel.ParkingLot()  # the last stream ended
+        self._idle_since: float | None = None       # trio time the stream count fell to 0
         self._scope: trio.CancelScope | None = None
         self._started = False
         self._closed_locally = False
+        self._closing = False          # aclose sent GOAWAY
 
     # --- the connection's life ------------------------------------------------------------
 
@@ -167,6 +209,16 @@ class H2Conn:
         """Wait until the stream count or the connection's liveness changes."""
         await self._changed.park()
 
+    @property
+    def idle_since(self) -> float | None:
+        """trio time at which the last stream ended, or None while streams are open."""
+        return self._idle_since if not self._streams else None
+
+    async def wait_idle(self) -> None:
+        """Wait until no stream is open (returns at once if none is), or the connection fails."""
+        while self._streams and self._failure is None:
+            await self._idle_lot.park()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send the preface and drive the connection until it ends.
 
@@ -176,7 +228,8 @@ class H2Conn:
         error: HboneError | None = None
         self._h2.initiate_connection()
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
-        self._kick()
+        self._idle_since = trio.current_time()
+        self._flush_now()
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
@@ -207,6 +260,7 @@ class H2Conn:
         """Say GOAWAY, give it a moment to leave, then end ``run`` (open streams fail)."""
         if self._failure is None and self._started:
             self._goaway = True
+            self._closing = True
             self._h2.close_connection()
             with trio.move_on_after(_GOAWAY_FLUSH_TIMEOUT):
                 try:
@@ -224,49 +278,64 @@ class H2Conn:
             stream._break(self._failure)
         if self._scope is not None:
             self._scope.cancel()
-        self._sent_lot.unpark_all()
+        self._drained_lot.unpark_all()
         self._changed.unpark_all()
+        self._idle_lot.unpark_all()
 
-    # --- writing: only the writer task touches the transport --------------------------------
-    # A cancelled send on a TLS stream breaks it for everyone, so streams never write
-    # themselves: they queue frames into h2 and wait for the writer to hand them over.
+    # --- writing ---------------------------------------------------------------------------
+    # Whoever queued frames into h2 hands them to the transport at once, synchronously: one
+    # TLS write and one send for everything h2 has pending, and nothing to cancel half-way.
+    # Only when the kernel does not take it all does the writer task finish the send; until
+    # then streams wait (so a slow peer cannot make our buffers grow) and frames queue behind.
 
-    def _kick(self) -> None:
-        self._write_wanted = True
-        self._write_lot.unpark_all()
+    def _flush_now(self) -> None:
+        """Hand everything h2 has queued to the transport without blocking."""
+        data = self._h2.data_to_send()
+        try:
+            if self._blocked:
+                if data:
+                    self._wire.queue(data)
+                return
+            if self._wire.try_send(data):
+                return
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self._fail(ConnectionLost(f"write failed: {e!r}"))
+            return
+        self._blocked = True
+        self._writer_lot.unpark_all()
 
     async def _writer(self) -> None:
         while True:
-            while not self._write_wanted:
-                await self._write_lot.park()
-            self._write_wanted = False
-            gen = self._queued_gen
-            data = self._h2.data_to_send()
-            if data:
-                try:
-                    await self._transport.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                    self._fail(ConnectionLost(f"write failed: {e!r}"))
-                    return
-            self._sent_gen = gen
-            self._sent_lot.unpark_all()
+            while not self._blocked:
+                await self._writer_lot.park()
+            try:
+                await self._wire.finish_send()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                self._fail(ConnectionLost(f"write failed: {e!r}"))
+                return
+            self._blocked = False
+            self._flush_now()
+            if not self._blocked:
+                self._drained_lot.unpark_all()
+
+    async def _wait_drained(self) -> None:
+        """Wait until the transport holds nothing unsent (raises ConnectionLost if it fails)."""
+        while self._blocked and self._failure is None:
+            await self._drained_lot.park()
+        if self._failure is not None:
+            raise ConnectionLost(self._failure.args[0] if self._failure.args else "closed")
 
     async def _flush(self) -> None:
         """Wait until everything queued so far has been handed to the transport."""
-        self._queued_gen += 1
-        target = self._queued_gen
-        self._kick()
-        while self._sent_gen < target:
-            if self._failure is not None:
-                raise ConnectionLost(self._failure.args[0] if self._failure.args else "closed")
-            await self._sent_lot.park()
+        self._flush_now()
+        await self._wait_drained()
 
     # --- reading ---------------------------------------------------------------------------
 
     async def _reader(self) -> None:
         while True:
             try:
-                data = await self._transport.receive_some(_READ_SIZE)
+                data = await self._wire.receive_some(_READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 if self._goaway and not self._streams:
                     return      # the peer said GOAWAY and hung up (maybe without close_notify)
@@ -276,10 +345,12 @@ class H2Conn:
                 if self._streams:
                     raise ConnectionLost("peer closed the connection with streams open")
                 return
+            if self._failure is not None or self._closing:
+                return      # we are closing (GOAWAY sent): h2 refuses frames from here on
             try:
                 events = self._h2.receive_data(data)
             except h2.exceptions.ProtocolError as e:
-                self._kick()   # h2 queued a GOAWAY naming the error
+                self._flush_now()   # h2 queued a GOAWAY naming the error
                 with trio.move_on_after(_GOAWAY_FLUSH_TIMEOUT):
                     await self._flush()
                 raise RemoteProtocolError(str(e) or type(e).__name__,
@@ -287,7 +358,7 @@ class H2Conn:
                                           or h2.errors.ErrorCodes.PROTOCOL_ERROR) from e
             for event in events:
                 self._dispatch(event)
-            self._kick()
+            self._flush_now()     # acks, window updates, and whatever the streams queued
 
     def _dispatch(self, event: h2.events.Event) -> None:
         sid = getattr(event, "stream_id", None)
@@ -328,8 +399,7 @@ class H2Conn:
 
     def _new_inbound(self, sid: int, headers: Headers) -> None:
         stream = HboneStream(self, sid)
-        self._streams[sid] = stream
-        self._changed.unpark_all()
+        self._add(stream)
         if self._on_request is None or self._goaway:
             stream._abort(h2.errors.ErrorCodes.REFUSED_STREAM)
             return
@@ -349,9 +419,8 @@ class H2Conn:
         except h2.exceptions.ProtocolError as e:
             raise LocalProtocolError(str(e) or type(e).__name__) from e
         stream = HboneStream(self, sid)
-        self._streams[sid] = stream
-        self._changed.unpark_all()
-        self._kick()
+        self._add(stream)
+        self._flush_now()
         return stream
 
     def _send_window(self, sid: int) -> int:
@@ -363,12 +432,47 @@ class H2Conn:
     def _ack(self, sid: int, n: int) -> None:
         if n and self._failure is None:
             self._h2.acknowledge_received_data(n, sid)
-            self._kick()
+            self._flush_now()
+
+    def _add(self, stream: HboneStream) -> None:
+        self._streams[stream.stream_id] = stream
+        self._idle_since = None
+        if self._changed:
+            self._changed.unpark_all()
 
     def _release(self, stream: HboneStream) -> None:
         if self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
-            self._changed.unpark_all()
+            if not self._streams:
+                self._idle_since = trio.current_time()
+                if self._idle_lot:
+                    self._idle_lot.unpark_all()
+            if self._changed:
+                self._changed.unpark_all()
+
+
+class _Waiter:
+    """A parking spot for one task (a stream has one receiver): cheaper than a ParkingLot."""
+
+    __slots__ = ("task",)
+
+    def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
+
+    async def wait(self) -> None:
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def wake(self) -> None:
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task)
 
 
 class HboneStream(trio.abc.HalfCloseableStream):
@@ -392,7 +496,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._sent_eof = False
         self._closed = False
         self._broken: HboneError | None = None
-        self._recv_lot = trio.lowlevel.ParkingLot()
+        self._recv_waiter = _Waiter()                  # receive_some
+        self._recv_lot = trio.lowlevel.ParkingLot()    # wait_response
         self._send_lot = trio.lowlevel.ParkingLot()
         self._sending = False
         self._receiving = False
@@ -405,24 +510,31 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._sending = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            view = memoryview(data).cast("B")
-            sent_any = False
-            while True:
-                self._check_send()
-                if not view:
-                    break
-                window = self._conn._send_window(self.stream_id)
-                if window <= 0:
-                    await self._send_lot.park()
-                    continue
-                n = min(window, len(view), _MAX_SEND_CHUNK)
-                frame = self._conn._h2.max_outbound_frame_size
-                for off in range(0, n, frame):
-                    self._conn._h2.send_data(self.stream_id, bytes(view[off:min(off + frame, n)]))
-                view = view[n:]
-                await self._flush()
-                sent_any = True
-            if not sent_any:
+            conn = self._conn
+            h2conn = conn._h2
+            waited = False
+            self._check_send()
+            if (type(data) is bytes and 0 < len(data) <= h2conn.max_outbound_frame_size
+                    and len(data) <= conn._send_window(self.stream_id)):
+                h2conn.send_data(self.stream_id, data)      # the common case: one frame
+                waited = await self._flush()
+            else:
+                view = memoryview(data).cast("B")
+                while view:
+                    window = conn._send_window(self.stream_id)
+                    if window <= 0:
+                        await self._send_lot.park()
+                        waited = True
+                        self._check_send()
+                        continue
+                    n = min(window, len(view), _MAX_SEND_CHUNK)
+                    frame = h2conn.max_outbound_frame_size
+                    for off in range(0, n, frame):
+                        h2conn.send_data(self.stream_id, bytes(view[off:min(off + frame, n)]))
+                    view = view[n:]
+                    waited = await self._flush() or waited
+                    self._check_send()
+            if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
@@ -448,7 +560,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
         except h2.exceptions.ProtocolError as e:
             raise trio.BrokenResourceError("cannot end the stream") from LocalProtocolError(str(e))
         self._maybe_finished()
-        await self._flush()
+        if not await self._flush():
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and max_bytes < 1:
@@ -466,7 +579,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
                     raise trio.BrokenResourceError(str(self._broken)) from self._broken
                 if self._buffered or self._recv_eof:
                     break
-                await self._recv_lot.park()
+                await self._recv_waiter.wait()
                 parked = True
             data = self._take(max_bytes) if self._buffered else b""
             if data:
@@ -493,11 +606,18 @@ class HboneStream(trio.abc.HalfCloseableStream):
         if self._sent_eof:
             raise trio.ClosedResourceError("send_eof was already called")
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Hand what h2 queued to the transport; if it is backed up, wait until it drains
+        (that wait is the stream's backpressure). Returns whether it waited."""
+        conn = self._conn
+        conn._flush_now()
+        if not conn._blocked and conn._failure is None:
+            return False
         try:
-            await self._conn._flush()
+            await conn._wait_drained()
         except ConnectionLost as e:
             raise trio.BrokenResourceError(str(e)) from e
+        return True
 
     def _take(self, max_bytes: int | None) -> bytes:
         limit = max_bytes if max_bytes is not None else _READ_SIZE
@@ -522,6 +642,11 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._buffered -= len(out)
         return out
 
+    def _wake_receivers(self) -> None:
+        self._recv_waiter.wake()
+        if self._recv_lot:
+            self._recv_lot.unpark_all()
+
     def _on_data(self, data: bytes, flow_controlled_length: int) -> None:
         padding = flow_controlled_length - len(data)
         if padding:
@@ -529,16 +654,17 @@ class HboneStream(trio.abc.HalfCloseableStream):
         if data:
             self._chunks.append(memoryview(data))
             self._buffered += len(data)
-            self.peak_buffered = max(self.peak_buffered, self._buffered)
-            self._recv_lot.unpark_all()
+            if self._buffered > self.peak_buffered:
+                self.peak_buffered = self._buffered
+            self._recv_waiter.wake()
 
     def _on_response(self, headers: Headers) -> None:
         self.response_headers = headers
-        self._recv_lot.unpark_all()
+        self._wake_receivers()
 
     def _on_end(self) -> None:
         self._recv_eof = True
-        self._recv_lot.unpark_all()
+        self._wake_receivers()
         self._maybe_finished()
 
     def _maybe_finished(self) -> None:
@@ -551,8 +677,9 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._chunks.clear()
             self._buffered = 0
         self._conn._release(self)
-        self._recv_lot.unpark_all()
-        self._send_lot.unpark_all()
+        self._wake_receivers()
+        if self._send_lot:
+            self._send_lot.unpark_all()
 
     def _abort(self, error_code: int, *, reset: bool = True) -> None:
         """Close without waiting: RST_STREAM(error_code) unless finished, drop the buffer."""
@@ -561,7 +688,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
                 self._conn._h2.reset_stream(self.stream_id, error_code)
             except h2.exceptions.StreamClosedError:
                 pass
-            self._conn._kick()
+            self._conn._flush_now()
         self._closed = True
         # Unread data still holds connection window: hand it back.
         if self._buffered:
@@ -569,8 +696,9 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._chunks.clear()
         self._buffered = 0
         self._conn._release(self)
-        self._recv_lot.unpark_all()
-        self._send_lot.unpark_all()
+        self._wake_receivers()
+        if self._send_lot:
+            self._send_lot.unpark_all()
 
     def send_headers_nowait(self, headers: Headers, *, end_stream: bool = False) -> None:
         """Queue HEADERS on this stream (server: the response); the writer sends it soon."""
@@ -582,12 +710,13 @@ class HboneStream(trio.abc.HalfCloseableStream):
         if end_stream:
             self._sent_eof = True
             self._maybe_finished()
-        self._conn._kick()
+        self._conn._flush_now()
 
     async def send_headers(self, headers: Headers, *, end_stream: bool = False) -> None:
         """Send HEADERS on this stream and wait until they are handed to the transport."""
         self.send_headers_nowait(headers, end_stream=end_stream)
-        await self._flush()
+        if not await self._flush():
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_response(self) -> Headers:
         """Client side: wait for the response headers (raises the stream's failure)."""

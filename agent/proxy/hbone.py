@@ -24,6 +24,7 @@ from agent.proxy.h2conn import (
 from agent.identity import PeerIdentityError
 from agent.identity import peer_identity as read_peer_identity
 from agent.proxy.relay import open_marked_tcp_stream
+from agent.proxy.tlsio import TlsTransport
 
 __all__ = [
     "HBONE_PORT", "ConnectFailed", "ConnectRefused", "ConnectRequest", "ConnectionLost",
@@ -140,7 +141,7 @@ def parse_forwarded(value: str) -> str | None:
     return None
 
 
-def peer_identity(tls: trio.SSLStream) -> str:
+def peer_identity(tls: trio.SSLStream | TlsTransport) -> str:
     """The peer's SPIFFE ID: the one URI SAN of its verified certificate (agent.identity reads it).
 
     Raises PeerNotAllowed when the peer sent no certificate or not exactly one URI SAN.
@@ -152,7 +153,7 @@ def peer_identity(tls: trio.SSLStream) -> str:
     return peer if isinstance(peer, str) else peer.uri
 
 
-def _check_alpn(tls: trio.SSLStream, address: str) -> None:
+def _check_alpn(tls: trio.SSLStream | TlsTransport, address: str) -> None:
     proto = tls.selected_alpn_protocol()
     if proto != ALPN:
         raise HandshakeFailed(address, f"ALPN negotiated {proto!r}, HBONE needs {ALPN!r}")
@@ -227,13 +228,15 @@ async def serve_hbone(tls_stream: trio.SSLStream,
     failures: they end it and are logged.
     """
     address = _remote_address(tls_stream)
+    # The same TLS connection (context, side, verification), with its record I/O in C.
+    tls: trio.SSLStream | TlsTransport = TlsTransport.take_over(tls_stream) or tls_stream
     try:
         try:
-            await tls_stream.do_handshake()
+            await tls.do_handshake()
         except trio.BrokenResourceError as e:
             raise HandshakeFailed(address, repr(e.__cause__ or e)) from e
-        _check_alpn(tls_stream, address)
-        peer = peer_identity(tls_stream)
+        _check_alpn(tls, address)
+        peer = peer_identity(tls)
         log.debug("HBONE connection from %s as %s", address, peer)
         error: HboneError | None = None
         async with trio.open_nursery() as nursery:
@@ -242,7 +245,7 @@ async def serve_hbone(tls_stream: trio.SSLStream,
                 if request is not None:
                     nursery.start_soon(_run_handler, handler, request, address)
 
-            conn = H2Conn(tls_stream, client_side=False, max_concurrent_streams=max_concurrent_streams,
+            conn = H2Conn(tls, client_side=False, max_concurrent_streams=max_concurrent_streams,
                           on_request=on_request)
             try:
                 await conn.run()
@@ -255,7 +258,7 @@ async def serve_hbone(tls_stream: trio.SSLStream,
     except HboneError as e:
         log.info("HBONE connection from %s ended: %s", address, e)
     finally:
-        await trio.aclose_forcefully(tls_stream)
+        await trio.aclose_forcefully(tls)
 
 
 def _parse_request(stream: HboneStream, raw: Headers, peer: str) -> ConnectRequest | None:
@@ -417,7 +420,7 @@ class HbonePool:
             tcp = await self._connect(host, port)
         except OSError as e:
             raise ConnectFailed(address, repr(e)) from e
-        tls = trio.SSLStream(tcp, ssl_context, https_compatible=True)
+        tls = TlsTransport.over(tcp, ssl_context, server_side=False)
         try:
             try:
                 await tls.do_handshake()
@@ -449,12 +452,15 @@ class HbonePool:
             self._forget(key, conn)
 
     async def _close_when_idle(self, key: PoolKey, conn: H2Conn) -> None:
-        while True:
-            while conn.active_streams:
-                await conn.wait_changed()
-            with trio.move_on_after(self._idle_timeout):
-                while not conn.active_streams:
-                    await conn.wait_changed()
+        # Woken only when the last stream ends, not per stream: sleeps to the deadline, then
+        # looks whether the connection stayed idle all along.
+        while conn.alive:
+            await conn.wait_idle()
+            since = conn.idle_since
+            if since is None:
+                continue
+            if trio.current_time() < since + self._idle_timeout:
+                await trio.sleep_until(since + self._idle_timeout)
                 continue
             self._forget(key, conn)      # first, so no open() picks it while it closes
             await conn.aclose()

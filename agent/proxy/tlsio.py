@@ -1,0 +1,252 @@
+"""tlsio.py: one TLS connection over a non-blocking socket, its record I/O done in C.
+
+Owns the bytes between an ``ssl.SSLObject`` (over two memory BIOs) and a plain non-blocking
+socket that trio only polls (``wait_readable``/``wait_writable``). Writes are synchronous when
+the kernel takes them, so a caller can write from its own task without a hand-off, and a write
+can never be half-cancelled; ``finish_send`` completes what the kernel could not take at once.
+Knows nothing of HTTP/2 or identities: certificate checks are the context's and the caller's.
+(trio.SSLStream does the same job as a Python state machine; per small record it costs several
+times more CPU.)
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+
+import trio
+
+_RECV_SIZE = 256 * 1024
+_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class TlsTransport:
+    """TLS over ``sock`` (a connected stdlib socket this object now owns).
+
+    Call ``do_handshake`` first. Then one task may be in ``receive_some`` while another
+    writes: ``try_send``/``queue`` (synchronous) and ``finish_send`` (one task at a time).
+    Errors surface as ``trio.BrokenResourceError`` whose ``__cause__`` is the ssl/OS error;
+    use after ``aclose`` raises ``trio.ClosedResourceError``.
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
+                 server_hostname: str | None = None) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._in, self._out, server_side=server_side,
+                                     server_hostname=server_hostname)
+        self._pending = bytearray()   # ciphertext the kernel did not take yet
+        self._closed = False
+
+    @classmethod
+    def over(cls, stream: trio.SocketStream, context: ssl.SSLContext, *, server_side: bool,
+             server_hostname: str | None = None) -> TlsTransport:
+        """Take ``stream``'s socket over (the stream is left closed and must not be used)."""
+        fd = stream.socket.detach()
+        return cls(socket.socket(fileno=fd), context, server_side=server_side,
+                   server_hostname=server_hostname)
+
+    @classmethod
+    def take_over(cls, tls: trio.SSLStream) -> TlsTransport | None:
+        """The same connection as ``tls`` (a trio.SSLStream not yet handshaken, over a TCP
+        socket) with the same context and side; None if ``tls`` is anything else."""
+        once = getattr(tls, "_handshook", None)
+        transport = getattr(tls, "transport_stream", None)
+        if (not isinstance(tls, trio.SSLStream) or once is None or getattr(once, "started", True)
+                or type(transport) is not trio.SocketStream):
+            return None
+        return cls.over(transport, tls.context, server_side=tls.server_side,
+                        server_hostname=tls.server_hostname)
+
+    # --- what the handshake established (the same calls as ssl.SSLObject) ---------------
+
+    def getpeercert(self, binary_form: bool = False):
+        return self._ssl.getpeercert(binary_form)
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._ssl.selected_alpn_protocol()
+
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    def getpeername(self):
+        return self._sock.getpeername()
+
+    # --- I/O -------------------------------------------------------------------------------
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake (with the context's verification) to its end."""
+        self._check_open()
+        while True:
+            try:
+                self._ssl.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except (ssl.SSLError, OSError) as e:
+                self._push_quietly()        # the alert, if any, so the peer learns why
+                raise trio.BrokenResourceError(f"TLS handshake failed: {e!r}") from e
+            await self.finish_send()
+            if done:
+                return
+            await self._fill()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Plaintext from the peer, at most ``max_bytes``; b"" once the peer has closed
+        (close_notify, or a bare TCP close: HTTP/2 frames its own ends)."""
+        if self._closed:
+            raise trio.ClosedResourceError("TLS connection was closed")
+        n = max_bytes or _RECV_SIZE
+        tls, incoming = self._ssl, self._in
+        while True:
+            # Ask TLS only when it has bytes to work on: a refusal (SSLWantReadError) costs
+            # more than the decryption of a small record.
+            if not (incoming.pending or tls.pending() or incoming.eof):
+                await self._fill()
+                continue
+            try:
+                data = tls.read(n)
+            except ssl.SSLWantReadError:
+                await self._fill()
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            except (ssl.SSLError, OSError) as e:
+                raise trio.BrokenResourceError(f"TLS read failed: {e!r}") from e
+            if not data:
+                return b""
+            if incoming.pending and len(data) < n:
+                data = self._more(data, n)
+            if self._out.pending:          # TLS itself answered something (key update)
+                self._push_quietly()
+            return data
+
+    def _more(self, first: bytes, n: int) -> bytes:
+        parts = [first]
+        got = len(first)
+        while got < n and self._in.pending:
+            try:
+                data = self._ssl.read(n - got)
+            except ssl.SSLError:
+                break                          # incomplete record, or an error the next read reports
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
+
+    async def _fill(self) -> None:
+        """Wait for ciphertext and feed it to TLS (EOF included)."""
+        await trio.lowlevel.wait_readable(self._sock)
+        try:
+            data = self._sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            raise trio.BrokenResourceError(f"socket read failed: {e!r}") from e
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()
+
+    def queue(self, data: bytes) -> None:
+        """Encrypt ``data`` for sending later (by ``try_send`` or ``finish_send``)."""
+        if self._closed:
+            raise trio.ClosedResourceError("TLS connection was closed")
+        if data:
+            try:
+                self._ssl.write(data)
+            except (ssl.SSLError, OSError) as e:
+                raise trio.BrokenResourceError(f"TLS write failed: {e!r}") from e
+
+    def try_send(self, data: bytes) -> bool:
+        """Encrypt ``data`` and give the kernel all it takes now, without blocking.
+
+        Returns True when nothing is left over, False when ``finish_send`` must run.
+        """
+        if data and not self._pending and not self._closed:
+            # The common case in one go: one record, one send.
+            try:
+                self._ssl.write(data)
+            except (ssl.SSLError, OSError) as e:
+                raise trio.BrokenResourceError(f"TLS write failed: {e!r}") from e
+            out = self._out.read()
+            try:
+                sent = self._sock.send(out)
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                raise trio.BrokenResourceError(f"socket write failed: {e!r}") from e
+            if sent == len(out):
+                return True
+            self._pending += memoryview(out)[sent:]
+            return False
+        self.queue(data)
+        return self._push()
+
+    async def finish_send(self) -> None:
+        """Send everything queued so far, waiting for the socket as needed."""
+        while not self._push():
+            await trio.lowlevel.wait_writable(self._sock)
+
+    def _push(self) -> bool:
+        if self._closed:
+            raise trio.ClosedResourceError("TLS connection was closed")
+        out = self._out.read() if self._out.pending else b""
+        if self._pending:
+            self._pending += out
+            buf: bytes | bytearray = self._pending
+        elif out:
+            buf = out
+        else:
+            return True
+        try:
+            sent = self._sock.send(buf)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            raise trio.BrokenResourceError(f"socket write failed: {e!r}") from e
+        if sent == len(buf):
+            self._pending.clear()
+            return True
+        if buf is self._pending:
+            del self._pending[:sent]
+        else:
+            self._pending += memoryview(buf)[sent:]
+        return False
+
+    def _push_quietly(self) -> None:
+        try:
+            self._push()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("TLS connection was closed")
+
+    async def aclose(self) -> None:
+        """Send close_notify (with what is still queued, as far as the socket takes it
+        while the caller waits), then close the socket."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            try:
+                self._ssl.unwrap()
+            except (ssl.SSLError, OSError):
+                pass                        # close_notify queued; the peer's is not awaited
+            try:
+                await self.finish_send()
+            except trio.BrokenResourceError:
+                pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the socket now (no close_notify)."""
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
