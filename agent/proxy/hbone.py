@@ -8,6 +8,7 @@ where to go and whom to expect. HTTP/2 itself lives in h2conn.py.
 from __future__ import annotations
 
 import copy
+import functools
 import ipaddress
 import logging
 import ssl
@@ -92,6 +93,7 @@ class ConnectRefused(HboneError):
 
 # --- the request shape --------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1024)      # pure, and asked on every request (ipaddress is slow)
 def parse_authority(authority: str) -> tuple[str, int]:
     """Split an HBONE ``:authority`` (``ip:port``, ``[v6]:port``) into (ip, port).
 
@@ -122,6 +124,7 @@ def format_forwarded(ip: str) -> str:
     return f'for="[{ip}]"' if ":" in ip else f"for={ip}"
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_forwarded(value: str) -> str | None:
     """The source IP of the first ``for=`` in a ``Forwarded`` value, or None if absent/invalid."""
     first = value.split(",", 1)[0]

@@ -16,7 +16,6 @@ import ssl
 import trio
 
 _RECV_SIZE = 256 * 1024
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class TlsTransport:
@@ -37,6 +36,10 @@ class TlsTransport:
         self._ssl = context.wrap_bio(self._in, self._out, server_side=server_side,
                                      server_hostname=server_hostname)
         self._pending = bytearray()   # ciphertext the kernel did not take yet
+        self._cipher = bytearray(_RECV_SIZE)          # read buffers, reused
+        self._cipher_view = memoryview(self._cipher)
+        self._plain = bytearray(_RECV_SIZE)
+        self._plain_view = memoryview(self._plain)
         self._closed = False
 
     @classmethod
@@ -97,7 +100,7 @@ class TlsTransport:
         (close_notify, or a bare TCP close: HTTP/2 frames its own ends)."""
         if self._closed:
             raise trio.ClosedResourceError("TLS connection was closed")
-        n = max_bytes or _RECV_SIZE
+        n = min(max_bytes or _RECV_SIZE, _RECV_SIZE)
         tls, incoming = self._ssl, self._in
         while True:
             # Ask TLS only when it has bytes to work on: a refusal (SSLWantReadError) costs
@@ -106,7 +109,9 @@ class TlsTransport:
                 await self._fill()
                 continue
             try:
-                data = tls.read(n)
+                # Into a buffer kept for the purpose: a fresh 256 KiB bytes object per read
+                # costs an mmap, an mremap and a munmap in malloc.
+                got = tls.read(n, self._plain)
             except ssl.SSLWantReadError:
                 await self._fill()
                 continue
@@ -114,39 +119,32 @@ class TlsTransport:
                 return b""
             except (ssl.SSLError, OSError) as e:
                 raise trio.BrokenResourceError(f"TLS read failed: {e!r}") from e
-            if not data:
+            if not got:
                 return b""
-            if incoming.pending and len(data) < n:
-                data = self._more(data, n)
+            view = self._plain_view
+            while got < n and incoming.pending:      # further whole records already here
+                try:
+                    more = tls.read(n - got, view[got:])
+                except ssl.SSLError:
+                    break            # an incomplete record, or an error the next read reports
+                if not more:
+                    break
+                got += more
             if self._out.pending:          # TLS itself answered something (key update)
                 self._push_quietly()
-            return data
-
-    def _more(self, first: bytes, n: int) -> bytes:
-        parts = [first]
-        got = len(first)
-        while got < n and self._in.pending:
-            try:
-                data = self._ssl.read(n - got)
-            except ssl.SSLError:
-                break                          # incomplete record, or an error the next read reports
-            if not data:
-                break
-            parts.append(data)
-            got += len(data)
-        return b"".join(parts)
+            return bytes(view[:got])
 
     async def _fill(self) -> None:
         """Wait for ciphertext and feed it to TLS (EOF included)."""
         await trio.lowlevel.wait_readable(self._sock)
         try:
-            data = self._sock.recv(_RECV_SIZE)
+            n = self._sock.recv_into(self._cipher)
         except BlockingIOError:
             return
         except OSError as e:
             raise trio.BrokenResourceError(f"socket read failed: {e!r}") from e
-        if data:
-            self._in.write(data)
+        if n:
+            self._in.write(self._cipher_view[:n])
         else:
             self._in.write_eof()
 
