@@ -8,8 +8,10 @@ so handshakes and start-up are left out.
 
 Modes: ``stream`` (one stream, N request/response exchanges) and ``per-request`` (a new CONNECT
 stream per exchange: open, send, half-close, read to EOF, close; the TLS connection is pooled).
+With ``--relay`` the server relays each stream (agent.proxy.relay, as the inbound proxy does)
+to a TCP echo server in a third process, so its figure is a whole destination proxy's cost.
 
-    PYTHONPATH=. python -m bench.hbone_micro [--requests 3000] [--runs 5] [--mode stream|per-request|both]
+    PYTHONPATH=. python -m bench.hbone_micro [--requests 3000] [--runs 5] [--mode stream|per-request|both] [--relay]
 """
 from __future__ import annotations
 
@@ -62,12 +64,40 @@ async def _echo(req) -> None:
         pass
 
 
-async def serve(directory: Path) -> None:
+async def _tcp_echo(stream: trio.SocketStream) -> None:
+    try:
+        while data := await stream.receive_some(64 * 1024):
+            await stream.send_all(data)
+    except trio.BrokenResourceError:
+        pass
+
+
+async def echo_server() -> None:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, _tcp_echo, 0)
+        print(listeners[0].socket.getsockname()[1], flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)
+        nursery.cancel_scope.cancel()
+
+
+async def serve(directory: Path, relay_to: int | None) -> None:
     from agent.proxy import hbone
+    from agent.proxy.relay import RelayError, open_marked_tcp_stream, relay
     ctx = context(directory, "server")
 
+    async def relay_handler(req) -> None:
+        upstream = await open_marked_tcp_stream("127.0.0.1", relay_to)
+        async with upstream:
+            stream = await req.accept()
+            try:
+                await relay(stream, upstream)
+            except RelayError:
+                pass
+
+    handler = relay_handler if relay_to else _echo
+
     async def on_tcp(tcp: trio.SocketStream) -> None:
-        await hbone.serve_hbone(trio.SSLStream(tcp, ctx, server_side=True), _echo)
+        await hbone.serve_hbone(trio.SSLStream(tcp, ctx, server_side=True), handler)
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio.serve_tcp, on_tcp, 0)
@@ -151,17 +181,37 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--mode", choices=("stream", "per-request", "both"), default="both")
+    ap.add_argument("--relay", action="store_true",
+                    help="the server relays to a TCP echo process instead of echoing itself")
     ap.add_argument("--json", action="store_true", help="print the raw runs as JSON too")
-    ap.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)   # the child's role
+    ap.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)   # the children's roles
+    ap.add_argument("--relay-to", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.echo:
+        trio.run(echo_server)
+        return
     if args.serve:
-        trio.run(serve, Path(args.serve))
+        profile = os.environ.get("HBONE_MICRO_PROFILE")     # a path: cProfile the server there
+        if profile:
+            import cProfile
+            cProfile.runctx("trio.run(serve, Path(args.serve), args.relay_to)", globals(), locals(), profile)
+        else:
+            trio.run(serve, Path(args.serve), args.relay_to)
         return
     with tempfile.TemporaryDirectory(prefix="hbone-micro-") as tmp:
         directory = Path(tmp)
         make_certs(directory)
-        child = subprocess.Popen([sys.executable, "-m", "bench.hbone_micro", "--serve", tmp],
+        children = []
+        relay_to = []
+        if args.relay:
+            echo = subprocess.Popen([sys.executable, "-m", "bench.hbone_micro", "--echo"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            children.append(echo)
+            relay_to = ["--relay-to", echo.stdout.readline().strip()]
+        child = subprocess.Popen([sys.executable, "-m", "bench.hbone_micro", "--serve", tmp, *relay_to],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        children.append(child)
         try:
             port = int(child.stdout.readline())
             modes = ("stream", "per-request") if args.mode == "both" else (args.mode,)
@@ -178,11 +228,12 @@ def main() -> None:
                 if args.json:
                     print(json.dumps({"mode": mode, "runs": runs}))
         finally:
-            child.stdin.close()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            for c in children:
+                c.stdin.close()
+                try:
+                    c.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    c.kill()
 
 
 if __name__ == "__main__":
