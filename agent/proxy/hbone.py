@@ -229,7 +229,8 @@ async def serve_hbone(tls_stream: trio.SSLStream,
     """
     address = _remote_address(tls_stream)
     # The same TLS connection (context, side, verification), with its record I/O in C.
-    tls: trio.SSLStream | TlsTransport = TlsTransport.take_over(tls_stream) or tls_stream
+    taken = TlsTransport.take_over(tls_stream)
+    tls: trio.SSLStream | TlsTransport = taken or tls_stream
     try:
         try:
             await tls.do_handshake()
@@ -259,6 +260,8 @@ async def serve_hbone(tls_stream: trio.SSLStream,
         log.info("HBONE connection from %s ended: %s", address, e)
     finally:
         await trio.aclose_forcefully(tls)
+        if taken is not None:       # the caller's TCP stream, still open for its addresses
+            await trio.aclose_forcefully(tls_stream.transport_stream)
 
 
 def _parse_request(stream: HboneStream, raw: Headers, peer: str) -> ConnectRequest | None:

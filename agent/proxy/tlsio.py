@@ -10,6 +10,7 @@ times more CPU.)
 """
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 
@@ -44,23 +45,29 @@ class TlsTransport:
 
     @classmethod
     def over(cls, stream: trio.SocketStream, context: ssl.SSLContext, *, server_side: bool,
-             server_hostname: str | None = None) -> TlsTransport:
-        """Take ``stream``'s socket over (the stream is left closed and must not be used)."""
-        fd = stream.socket.detach()
+             server_hostname: str | None = None, share: bool = False) -> TlsTransport:
+        """Take ``stream``'s socket over: the stream is left closed and must not be used; with
+        ``share`` the stream stays open on a duplicate of the socket (its owner may still ask
+        it for addresses and must close it too; the connection ends when both are closed)."""
+        fd = os.dup(stream.socket.fileno()) if share else stream.socket.detach()
         return cls(socket.socket(fileno=fd), context, server_side=server_side,
                    server_hostname=server_hostname)
 
     @classmethod
     def take_over(cls, tls: trio.SSLStream) -> TlsTransport | None:
         """The same connection as ``tls`` (a trio.SSLStream not yet handshaken, over a TCP
-        socket) with the same context and side; None if ``tls`` is anything else."""
+        socket) with the same context and side; None if ``tls`` is anything else.
+
+        ``tls`` must not be used afterwards, but its ``transport_stream`` stays open (its
+        owner may hold it for the peer's address): close it as well when done.
+        """
         once = getattr(tls, "_handshook", None)
         transport = getattr(tls, "transport_stream", None)
         if (not isinstance(tls, trio.SSLStream) or once is None or getattr(once, "started", True)
                 or type(transport) is not trio.SocketStream):
             return None
         return cls.over(transport, tls.context, server_side=tls.server_side,
-                        server_hostname=tls.server_hostname)
+                        server_hostname=tls.server_hostname, share=True)
 
     # --- what the handshake established (the same calls as ssl.SSLObject) ---------------
 

@@ -467,3 +467,32 @@ def test_parse_forwarded_variants():
     assert hbone.parse_forwarded('proto=https;For="10.0.0.1:4711", for=10.9.9.9') == "10.0.0.1"
     assert hbone.parse_forwarded("by=10.0.0.1") is None
     assert hbone.parse_forwarded("for=unknown") is None
+
+
+async def test_the_callers_tcp_stream_still_knows_the_peer_while_serving(nursery, ca, echo_port, client_ctx):
+    """inbound.py reads the client's address from its TCP stream per request (the source IP
+    when ``Forwarded`` is absent); serve_hbone's own TLS must leave that stream usable."""
+    seen = []
+    ended = trio.Event()
+    ctx = ca.context(SERVER_ID, server=True)
+
+    async def serve(tcp):
+        async def handler(req):
+            seen.append(tcp.socket.getpeername()[0])
+            await req.reject(403)
+
+        try:
+            await hbone.serve_hbone(trio.SSLStream(tcp, ctx, server_side=True), handler)
+        finally:
+            seen.append(tcp.socket.fileno())     # closed by serve_hbone: -1
+            ended.set()
+
+    port = await start_tcp_server(nursery, serve)
+    with trio.fail_after(10):
+        async with hbone.open_hbone_pool() as pool:
+            with pytest.raises(hbone.ConnectRefused):
+                await pool.open(f"127.0.0.1:{echo_port}", node_address=("127.0.0.1", port),
+                                source_identity=CLIENT_ID, expected_peer={SERVER_ID},
+                                ssl_context=client_ctx, forwarded_for="10.1.2.3")
+        await ended.wait()
+    assert seen == ["127.0.0.1", -1]
