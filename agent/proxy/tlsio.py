@@ -13,10 +13,25 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import threading
 
 import trio
 
 _RECV_SIZE = 256 * 1024
+_scratch = threading.local()
+
+
+def _read_buffers() -> tuple[memoryview, memoryview]:
+    """This thread's two read buffers (ciphertext, plaintext), shared by its connections.
+
+    Sharing is safe because every use is synchronous: filled and copied out with no await
+    in between. One pair per thread keeps idle connections small (512 KiB each otherwise).
+    """
+    try:
+        return _scratch.views
+    except AttributeError:
+        _scratch.views = (memoryview(bytearray(_RECV_SIZE)), memoryview(bytearray(_RECV_SIZE)))
+        return _scratch.views
 
 
 class TlsTransport:
@@ -37,10 +52,7 @@ class TlsTransport:
         self._ssl = context.wrap_bio(self._in, self._out, server_side=server_side,
                                      server_hostname=server_hostname)
         self._pending = bytearray()   # ciphertext the kernel did not take yet
-        self._cipher = bytearray(_RECV_SIZE)          # read buffers, reused
-        self._cipher_view = memoryview(self._cipher)
-        self._plain = bytearray(_RECV_SIZE)
-        self._plain_view = memoryview(self._plain)
+        self._cipher_view, self._plain_view = _read_buffers()
         self._closed = False
 
     @classmethod
@@ -118,7 +130,7 @@ class TlsTransport:
             try:
                 # Into a buffer kept for the purpose: a fresh 256 KiB bytes object per read
                 # costs an mmap, an mremap and a munmap in malloc.
-                got = tls.read(n, self._plain)
+                got = tls.read(n, self._plain_view)
             except ssl.SSLWantReadError:
                 await self._fill()
                 continue
@@ -145,7 +157,7 @@ class TlsTransport:
         """Wait for ciphertext and feed it to TLS (EOF included)."""
         await trio.lowlevel.wait_readable(self._sock)
         try:
-            n = self._sock.recv_into(self._cipher)
+            n = self._sock.recv_into(self._cipher_view)
         except BlockingIOError:
             return
         except OSError as e:

@@ -94,3 +94,17 @@ async def test_take_over_only_a_fresh_ssl_stream_over_tcp(nursery, ca):
     tls.close()
     memory = trio.testing.memory_stream_pair()[0]
     assert TlsTransport.take_over(trio.SSLStream(memory, ctx, server_side=True)) is None
+
+
+async def test_connections_share_one_pair_of_read_buffers(ca):
+    """An idle connection holds no read buffer of its own (they are 256 KiB each)."""
+    with trio.fail_after(5):
+        one, two = await connected(ca)
+        three, four = await connected(ca)
+        assert one._plain_view is four._plain_view and one._cipher_view is four._cipher_view
+        # Interleaved reads on several connections still each get their own bytes.
+        assert one.try_send(b"a" * 5000) and three.try_send(b"b" * 7000)
+        assert await four.receive_some() == b"b" * 7000
+        assert await two.receive_some() == b"a" * 5000
+        for t in (one, two, three, four):
+            await t.aclose()
