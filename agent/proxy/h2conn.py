@@ -396,6 +396,9 @@ class H2Conn:
 
     def _consumed(self, stream: HboneStream, n: int) -> None:
         """The application read ``n`` bytes of ``stream``: acknowledge them, in batches."""
+        if self._streams.get(stream.stream_id) is not stream:
+            self._ack(stream.stream_id, n)     # finished (both ends sent END_STREAM): no batch
+            return
         stream._unacked += n
         self._unacked_total += n
         if stream._unacked >= _ACK_BATCH:

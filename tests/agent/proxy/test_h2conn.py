@@ -201,3 +201,22 @@ async def test_a_reset_stream_gives_its_unread_bytes_back_to_the_connection(nurs
                 await stream.receive_some()
             await stream.aclose()
         assert p.client._h2.inbound_flow_control_window > CONNECTION_WINDOW // 2
+
+
+async def test_data_read_after_the_stream_finished_is_still_acknowledged(nursery):
+    async def send_then_end(stream):
+        await stream.send_all(b"q" * (100 * 1024))
+        await stream.send_eof()
+
+    p = Pair(nursery, on_stream=send_then_end)
+    await p.start()
+    with trio.fail_after(5):
+        stream = await p.open()
+        await stream.send_eof()
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.client.active_streams == 0          # both ends done; 100 KiB still unread
+        got = 0
+        while data := await stream.receive_some(1000):
+            got += len(data)
+    assert got == 100 * 1024
+    assert stream._unacked == 0 and p.client._unacked_total == 0
