@@ -6,6 +6,7 @@ what the streams are (TCP, TLS, HBONE), of identities or of policy.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -97,17 +98,62 @@ async def _copy(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream,
                 counters: RelayCounters, name: str) -> None:
     size_index = 0
     size = READ_SIZES[0]
+    receive = _socket_receiver(src) or src.receive_some
+    send = _socket_sender(dst) or dst.send_all
     while True:
-        data = await src.receive_some(size)
+        data = await receive(size)
         if not data:
             break
-        await dst.send_all(data)
+        await send(data)
         setattr(counters, name, getattr(counters, name) + len(data))
         if len(data) == size and size_index + 1 < len(READ_SIZES):
             size_index += 1
             size = READ_SIZES[size_index]
     if isinstance(dst, trio.abc.HalfCloseableStream):
         await dst.send_eof()
+
+
+def _socket_receiver(stream):
+    """For a TCP stream: wait until readable, then one ``recv`` (trio's ``receive_some`` tries
+    first, so each message of request/response traffic costs it an EAGAIN, an exception and an
+    extra scheduler turn). None for any other stream."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    sock = stream.socket
+    fd = sock.fileno()
+    wait = trio.lowlevel.wait_readable
+
+    async def receive(size: int) -> bytes:
+        while True:
+            await wait(fd)
+            try:
+                return os.read(fd, size)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                raise trio.BrokenResourceError(f"receive failed: {e}") from e
+    return receive
+
+
+def _socket_sender(stream):
+    """For a TCP stream: one ``send`` straight away (it nearly always takes a small message
+    whole); what it does not take goes through trio's ``send_all``. None otherwise."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    fd = stream.socket.fileno()
+
+    async def send(data: bytes) -> None:
+        try:
+            n = os.write(fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            raise trio.BrokenResourceError(f"send failed: {e}") from e
+        if n < len(data):
+            await stream.send_all(memoryview(data)[n:])
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+    return send
 
 
 async def abort(stream: trio.abc.AsyncResource) -> None:

@@ -3,11 +3,14 @@
 trio loop.
 
 Owns that thread, its epoll set, a pool of pipes, half-close, failure and byte counting for the
-socket pairs handed to it. Knows nothing of what the bytes are, of identities or of policy, and
-never closes the sockets: they stay the caller's, as with ``relay.relay`` (whose contract
-``SpliceEngine.relay`` keeps). Why: trio pays a try / EAGAIN / wait / retry and a task switch
-per ``recv``/``send``; here a 1 KB message costs one ``epoll_wait`` turn and two ``splice``
-calls, and bulk data never enters Python (BENCHMARKS.md, scenario a and d).
+socket pairs handed to it, and for the fast path (fastpath.py) the listening sockets handed to
+it, non-blocking connects with deadlines and timers. Knows nothing of what the bytes are, of
+identities or of policy, and never closes a relayed pair's sockets: they stay the caller's, as
+with ``relay.relay`` (whose contract ``SpliceEngine.relay`` keeps). Why: trio pays a try /
+EAGAIN / wait / retry and a task switch per ``recv``/``send``; here a 1 KB message costs one
+``epoll_wait`` turn and two ``splice`` calls, and bulk data never enters Python (BENCHMARKS.md,
+scenarios a and d). Every callback it makes runs on its thread; trio is only told by
+``TrioToken.run_sync_soon``.
 """
 from __future__ import annotations
 
@@ -84,7 +87,7 @@ class SpliceEngine:
 
     Start ``run`` with ``nursery.start``; then ``await engine.relay(a, b, counters=...)`` with
     two connected ``trio.SocketStream``s. Until ``run`` has started (or after it ended),
-    ``available`` is False and callers use ``relay.relay`` instead.
+    ``available`` is False and ``relay`` hands the pair to ``relay.relay`` instead.
     """
 
     def __init__(self) -> None:
