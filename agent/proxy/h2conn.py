@@ -41,6 +41,7 @@ CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME_SIZE = 1024 * 1024
 _DEFAULT_WINDOW = 65535
 _READ_SIZE = 256 * 1024
+_MAX_UNSENT = 1 << 20      # answers queued behind a peer that does not read; then stop reading
 # Data read by the application is acknowledged to h2 in batches: h2 only emits WINDOW_UPDATE
 # once half a window is consumed anyway, so acking each read only costs CPU. The batches are
 # far below half of either window, so a reader that waits for data never holds back a window
@@ -75,6 +76,8 @@ class _Wire(Protocol):
     def queue(self, data: bytes) -> None: ...         # sync; sent by the next finish_send
     async def finish_send(self) -> None: ...
     async def receive_some(self, max_bytes: int | None = None) -> bytes: ...
+    @property
+    def unsent(self) -> int: ...                      # bytes queued, not yet taken by the kernel
 
 
 class _StreamWire:
@@ -83,6 +86,10 @@ class _StreamWire:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._pending = bytearray()
+
+    @property
+    def unsent(self) -> int:
+        return len(self._pending)
 
     def queue(self, data: bytes) -> None:
         self._pending += data
@@ -319,6 +326,10 @@ class H2Conn:
             for event in events:
                 self._dispatch(event)
             self._flush_now()     # acks, window updates, and whatever the streams queued
+            if self._blocked and self._wire.unsent > _MAX_UNSENT:
+                # A peer that keeps sending (PINGs, SETTINGS, refused streams: each asks for
+                # an answer) but does not read: read no more until it takes our answers.
+                await self._wait_drained()
 
     def _dispatch(self, event: h2.events.Event) -> None:
         sid = getattr(event, "stream_id", None)

@@ -52,8 +52,9 @@ class TlsTransport:
         self._ssl = context.wrap_bio(self._in, self._out, server_side=server_side,
                                      server_hostname=server_hostname)
         self._pending = bytearray()   # ciphertext the kernel did not take yet
-        self._cipher_view, self._plain_view = _read_buffers()
         self._closed = False
+        self._eof = False             # the peer's close_notify was read: b"" from now on
+        self._error: BaseException | None = None   # a read error behind data already returned
 
     @classmethod
     def over(cls, stream: trio.SocketStream, context: ssl.SSLContext, *, server_side: bool,
@@ -114,13 +115,25 @@ class TlsTransport:
                 return
             await self._fill()
 
+    @property
+    def unsent(self) -> int:
+        """Ciphertext queued that the kernel has not taken yet."""
+        return len(self._pending) + self._out.pending
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Plaintext from the peer, at most ``max_bytes``; b"" once the peer has closed
-        (close_notify, or a bare TCP close: HTTP/2 frames its own ends)."""
+        """Plaintext from the peer, at most ``max_bytes``; b"" once the peer has closed with
+        close_notify. A TCP close without it (a truncation) or a bad record raises
+        ``trio.BrokenResourceError``, as trio.SSLStream does — after the data before it."""
         if self._closed:
             raise trio.ClosedResourceError("TLS connection was closed")
+        if self._error is not None:
+            raise trio.BrokenResourceError(f"TLS read failed: {self._error!r}") from self._error
+        if self._eof:
+            await trio.lowlevel.checkpoint()
+            return b""
         n = min(max_bytes or _RECV_SIZE, _RECV_SIZE)
         tls, incoming = self._ssl, self._in
+        view = _read_buffers()[1]
         while True:
             # Ask TLS only when it has bytes to work on: a refusal (SSLWantReadError) costs
             # more than the decryption of a small record.
@@ -130,23 +143,32 @@ class TlsTransport:
             try:
                 # Into a buffer kept for the purpose: a fresh 256 KiB bytes object per read
                 # costs an mmap, an mremap and a munmap in malloc.
-                got = tls.read(n, self._plain_view)
+                got = tls.read(n, view)
             except ssl.SSLWantReadError:
                 await self._fill()
                 continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            except ssl.SSLZeroReturnError:
+                self._eof = True
                 return b""
-            except (ssl.SSLError, OSError) as e:
+            except (ssl.SSLError, OSError) as e:    # SSLEOFError: TCP closed, no close_notify
+                self._error = e
                 raise trio.BrokenResourceError(f"TLS read failed: {e!r}") from e
             if not got:
+                self._eof = True
                 return b""
-            view = self._plain_view
             while got < n and incoming.pending:      # further whole records already here
                 try:
                     more = tls.read(n - got, view[got:])
-                except ssl.SSLError:
-                    break            # an incomplete record, or an error the next read reports
+                except ssl.SSLWantReadError:
+                    break                            # an incomplete record: later
+                except ssl.SSLZeroReturnError:
+                    self._eof = True                 # close_notify after the data
+                    break
+                except (ssl.SSLError, OSError) as e:
+                    self._error = e                  # raised by the next read, after this data
+                    break
                 if not more:
+                    self._eof = True
                     break
                 got += more
             if self._out.pending:          # TLS itself answered something (key update)
@@ -156,14 +178,15 @@ class TlsTransport:
     async def _fill(self) -> None:
         """Wait for ciphertext and feed it to TLS (EOF included)."""
         await trio.lowlevel.wait_readable(self._sock)
+        cipher = _read_buffers()[0]
         try:
-            n = self._sock.recv_into(self._cipher_view)
+            n = self._sock.recv_into(cipher)
         except BlockingIOError:
             return
         except OSError as e:
             raise trio.BrokenResourceError(f"socket read failed: {e!r}") from e
         if n:
-            self._in.write(self._cipher_view[:n])
+            self._in.write(cipher[:n])
         else:
             self._in.write_eof()
 

@@ -5,6 +5,7 @@ import pytest
 import trio
 import trio.testing
 
+from agent.proxy import h2conn
 from agent.proxy.h2conn import _ACK_BATCH, CANCEL, CONNECTION_WINDOW, STREAM_WINDOW, H2Conn, StreamReset
 
 MiB = 1024 * 1024
@@ -37,6 +38,10 @@ class PipeWire:
     def unblock(self) -> None:
         self.blocked = False
         self._unblocked.set()
+
+    @property
+    def unsent(self) -> int:
+        return len(self.pending)
 
     def queue(self, data: bytes) -> None:
         self.pending += data
@@ -220,3 +225,21 @@ async def test_data_read_after_the_stream_finished_is_still_acknowledged(nursery
             got += len(data)
     assert got == 100 * 1024
     assert stream._unacked == 0 and p.client._unacked_total == 0
+
+
+async def test_a_peer_that_sends_but_never_reads_is_no_longer_read(pair, monkeypatch):
+    """PINGs (each asks for an answer) from a peer that takes none of our answers: the answers
+    queued behind it stay bounded, because we stop reading it until it reads."""
+    monkeypatch.setattr(h2conn, "_MAX_UNSENT", 1000)
+    await trio.testing.wait_all_tasks_blocked()
+    pair.server_wire.block()
+    for i in range(20_000):                               # 340 KB of PINGs: more than one read
+        pair.client._h2.ping(i.to_bytes(8, "big"))
+    pair.client._flush_now()
+    await trio.testing.wait_all_tasks_blocked()
+    assert pair.server_wire.inbox                         # the rest is left unread...
+    assert pair.server_wire.unsent <= 256 * 1024          # ...answers to one read at most
+    pair.server_wire.unblock()
+    with trio.fail_after(10):
+        while pair.server_wire.inbox or pair.server_wire.pending:
+            await trio.sleep(0.01)                        # reads again once its answers leave
