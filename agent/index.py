@@ -123,29 +123,38 @@ class Tables:
         t = cls.__new__(cls)
         t.node, t.mesh_given = node, mesh is not None
         t.mesh = mesh or Mesh(metadata=ObjectMeta(name="default"))
-        ordered = sorted(seen.values(), key=resource_key)
-        t.workloads = tuple(r for r in ordered if isinstance(r, Workload))
-        t.services = tuple(r for r in ordered if isinstance(r, Service))
-        t.policies = tuple(r for r in ordered if isinstance(r, AuthorizationPolicy))
-        t.local = tuple(w for w in t.workloads if w.spec.node == node)
-        t.workload_by_key = {w.key: w for w in t.workloads}
-        t.service_by_key = {s.key: s for s in t.services}
-        t.policy_by_key = {p.key: p for p in t.policies}
+        by_kind: dict[str, dict[Key, Resource]] = {"Workload": {}, "Service": {}, "AuthorizationPolicy": {},
+                                                   "Mesh": {}}
+        for k, r in seen.items():
+            by_kind[k[0]][k] = r
+        t.workload_by_key, t.service_by_key, t.policy_by_key = (
+            {k: m[k] for k in sorted(m)} for m in (by_kind["Workload"], by_kind["Service"],
+                                                   by_kind["AuthorizationPolicy"]))
+        t.workloads = tuple(t.workload_by_key.values())
+        t.services = tuple(t.service_by_key.values())
+        t.policies = tuple(t.policy_by_key.values())
 
-        t.by_ip, t.identity = {}, {}
+        # one pass over the workloads: node, addresses and identity, namespace and labels
+        t.by_ip, t.identity, t.by_label, t.by_ns, t.by_selector = {}, {}, {}, {}, {}
         ids: dict[tuple[str, str], SpiffeId] = {}
-        for w in t.workloads:
+        local, by_label, by_ns = [], t.by_label, t.by_ns
+        for key, w in t.workload_by_key.items():
+            if w.spec.node == node:
+                local.append(w)
             add_workload_addresses(t, w, ids)
+            ns = w.metadata.namespace
+            if (keys := by_ns.get(ns)) is None:
+                keys = by_ns[ns] = set()
+            keys.add(key)
+            for k, v in w.metadata.labels.items():
+                if (keys := by_label.get(lk := (ns, k, v))) is None:
+                    keys = by_label[lk] = set()
+                keys.add(key)
+        t.local = tuple(local)
         t.by_vip_port, t.vips = {}, {}
         for s in t.services:
             add_service_addresses(t, s)
 
-        t.by_label, t.by_ns, t.by_selector = {}, {}, {}
-        for w in t.workloads:
-            ns = w.metadata.namespace
-            t.by_ns.setdefault(ns, set()).add(w.key)
-            for k, v in w.metadata.labels.items():
-                t.by_label.setdefault((ns, k, v), set()).add(w.key)
         for s in t.services:
             ns = s.metadata.namespace
             for k, v in s.spec.selector.items():
@@ -163,8 +172,13 @@ class Tables:
         t.policies_by_ns = {ns: tuple(ps) for ns, ps in by_ns.items()}
         t.policy_of = {}
         memo: dict[tuple[Key, ...], PolicySet] = {}
+        none = ((), memo.setdefault((), PolicySet.of(())))   # the row of a workload no policy can select
+        root = ROOT_NAMESPACE in t.policies_by_ns
         for w in t.workloads:
-            choose_policies(t, w, memo)
+            if root or w.metadata.namespace in t.policies_by_ns:
+                choose_policies(t, w, memo)
+            else:
+                t.policy_of[w.key] = none
         return t
 
 
@@ -186,18 +200,19 @@ def add_workload_addresses(t: Tables, w: Workload, ids: dict[tuple[str, str], Sp
     """Index ``w``'s identity and addresses into ``t.identity`` and ``t.by_ip`` (which the caller
     owns); returns the canonical addresses. Raises ``SnapshotError`` for an
     invalid identity, an address that does not parse or one another workload owns."""
-    t.identity[w.key] = identity_of(t, w, ids)
-    ips = []
+    ident = ids.get((w.metadata.namespace, w.spec.service_account))
+    t.identity[w.key] = ident if ident is not None else identity_of(t, w, ids)
+    ips, by_ip = [], t.by_ip
     for raw in w.spec.addresses:
         try:
             ip = canonical_ip(raw)
         except ValueError as e:
             raise SnapshotError(f"{w.ref}: address {raw!r} is not an IP address", (w.ref,)) from e
-        other = t.by_ip.get(ip)
+        other = by_ip.get(ip)
         if other is not None and other is not w:
             raise SnapshotError(f"address {ip} is claimed by both {other.ref} and {w.ref}",
                                 (other.ref, w.ref))
-        t.by_ip[ip] = w
+        by_ip[ip] = w
         ips.append(ip)
     return ips
 
@@ -250,11 +265,21 @@ def set_endpoints(t: Tables, s: Service) -> None:
     by_key, identity = t.workload_by_key, t.identity
     chosen = [by_key[k] for k in sorted(members(t, s.metadata.namespace, s.spec.selector))]
     t.service_ids[s.key] = frozenset(identity[w.key] for w in chosen)
-    first = [canonical_ip(w.spec.addresses[0]) for w in chosen]   # valid: the workloads are indexed
+    facts = [(w, canonical_ip(w.spec.addresses[0]), w.spec.node, w.spec.locality, identity[w.key])
+             for w in chosen]   # the address is valid: the workloads are indexed
+    new, set_ = object.__new__, object.__setattr__
     for sp in s.spec.ports:
-        t.endpoints[(s.key, sp.port)] = tuple(
-            Endpoint(workload=w, address=ip, port=sp.target_port, node=w.spec.node,
-                     locality=w.spec.locality, identity=identity[w.key]) for w, ip in zip(chosen, first))
+        port, eps = sp.target_port, []
+        for w, ip, node, locality, ident in facts:   # Endpoint(...) without the frozen __init__'s cost
+            ep = new(Endpoint)                       # (fields in order, as __init__ sets them)
+            set_(ep, "workload", w)
+            set_(ep, "address", ip)
+            set_(ep, "port", port)
+            set_(ep, "node", node)
+            set_(ep, "locality", locality)
+            set_(ep, "identity", ident)
+            eps.append(ep)
+        t.endpoints[(s.key, sp.port)] = tuple(eps)
 
 
 def compiled(p: AuthorizationPolicy) -> CompiledPolicy:
