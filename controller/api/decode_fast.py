@@ -15,7 +15,7 @@ from typing import Any, Callable
 from controller.api import decode as d
 from controller.api.fields import _clean_string_map, _EMPTY
 from controller.api.ip import canonical_ip
-from controller.api.meta import FrozenDict, ObjectMeta, dns_label_error, dns_subdomain_error
+from controller.api.meta import _DNS_SUBDOMAIN, FrozenDict, ObjectMeta, dns_label_error, dns_subdomain_error
 from controller.api.resources import (API_VERSION, LoadBalancer, Locality, Service, ServicePort,
                                       ServiceSpec, Workload, WorkloadSpec)
 
@@ -53,20 +53,30 @@ class _Valid:
         return True
 
 
-_label = _Valid(dns_label_error)
-_subdomain = _Valid(dns_subdomain_error)
-_netns = _Valid(d._abs_path_error)
+_label = _Valid(dns_label_error)          # namespaces, port names: few, and repeated
+_subdomain = _Valid(dns_subdomain_error)  # nodes, service accounts
 _cgroup = _Valid(d._cgroup_error)
+
+
+def _name(s: object) -> bool:
+    """``dns_subdomain_error(s) is None`` for a str (object names are unique: nothing to remember)."""
+    return type(s) is str and len(s) <= 253 and _DNS_SUBDOMAIN.fullmatch(s) is not None
 _ports: dict[tuple, ServicePort] = {}
 _localities: dict[tuple, Locality] = {}
 
 
 def _new(cls: type, fields: dict[str, Any]) -> Any:
     """An instance of the frozen dataclass ``cls`` holding ``fields`` (every field, already as
-    ``__init__`` and ``__post_init__`` would store it: tuples, FrozenDicts), without running them."""
-    obj = object.__new__(cls)
-    object.__setattr__(obj, "__dict__", fields)
+    ``__init__`` and ``__post_init__`` would store it: tuples, FrozenDicts), without running them.
+    Set one by one, in field order, as ``__init__`` does: the instance then keeps the class's
+    shared-key attribute storage (assigning a whole ``__dict__`` would take twice the memory)."""
+    obj = _object_new(cls)
+    for name, value in fields.items():
+        _setattr(obj, name, value)
     return obj
+
+
+_object_new, _setattr = object.__new__, object.__setattr__
 
 
 def _string_map(v: object, labels: bool) -> FrozenDict | None:
@@ -117,11 +127,11 @@ def fast_decode(doc: object, default_namespace: str) -> Workload | Service | Non
     if type(m) is not dict or not m.keys() <= _META:
         return None
     name, ns = m.get("name"), m.get("namespace")
-    if not _subdomain(name):
+    if not _name(name):
         return None
     if ns is None:
         ns = default_namespace
-    elif not _label(ns):
+    elif type(ns) is not str or (ns not in _label.seen and not _label(ns)):
         return None
     labels = _string_map(m.get("labels"), True)
     annotations = _string_map(m.get("annotations"), False)
@@ -141,10 +151,19 @@ def fast_decode(doc: object, default_namespace: str) -> Workload | Service | Non
     spec = spec_of(raw_spec)
     if spec is None:
         return None
-    meta = _new(ObjectMeta, {"name": name, "namespace": ns, "labels": labels,
-                             "annotations": annotations, "resource_version": server[1],
-                             "uid": server[0], "creation_timestamp": server[2]})
-    return _new(cls, {"metadata": meta, "spec": spec, "key": (cls.kind, ns, name)})
+    meta = _object_new(ObjectMeta)   # _new, unrolled: this runs once per object
+    _setattr(meta, "name", name)
+    _setattr(meta, "namespace", ns)
+    _setattr(meta, "labels", labels)
+    _setattr(meta, "annotations", annotations)
+    _setattr(meta, "resource_version", server[1])
+    _setattr(meta, "uid", server[0])
+    _setattr(meta, "creation_timestamp", server[2])
+    obj = _object_new(cls)
+    _setattr(obj, "metadata", meta)
+    _setattr(obj, "spec", spec)
+    _setattr(obj, "key", (cls.kind, ns, name))   # what Resource.key computes on first use
+    return obj
 
 
 def _workload(s: dict) -> WorkloadSpec | None:
@@ -152,11 +171,15 @@ def _workload(s: dict) -> WorkloadSpec | None:
         return None
     node, account = s.get("node"), s.get("serviceAccount", "default")
     netns, cgroup = s.get("netns"), s.get("cgroup")
-    if not _subdomain(node) or not (account is None or _subdomain(account)):
+    seen = _subdomain.seen
+    if type(node) is not str or not (node in seen or _subdomain(node)):
+        return None
+    if account is not None and (type(account) is not str or not (account in seen or _subdomain(account))):
         return None
     if netns is None and cgroup is None:
         return None
-    if (netns is not None and not _netns(netns)) or (cgroup is not None and not _cgroup(cgroup)):
+    if (netns is not None and (type(netns) is not str or d._abs_path_error(netns) is not None)) \
+            or (cgroup is not None and not _cgroup(cgroup)):
         return None
     addresses = _ips(s.get("addresses"))
     if addresses is None:
@@ -172,10 +195,15 @@ def _workload(s: dict) -> WorkloadSpec | None:
     locality = _locality(s.get("locality"))
     if locality is None:
         return None
-    return _new(WorkloadSpec, {"node": node, "addresses": addresses,
-                               "service_account": "default" if account is None else account,
-                               "locality": locality, "netns": netns or "", "cgroup": cgroup or "",
-                               "ports": ports})
+    spec = _object_new(WorkloadSpec)   # _new, unrolled
+    _setattr(spec, "node", node)
+    _setattr(spec, "addresses", addresses)
+    _setattr(spec, "service_account", "default" if account is None else account)
+    _setattr(spec, "locality", locality)
+    _setattr(spec, "netns", netns or "")
+    _setattr(spec, "cgroup", cgroup or "")
+    _setattr(spec, "ports", ports)
+    return spec
 
 
 def _locality(v: object) -> Locality | None:

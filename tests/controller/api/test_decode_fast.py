@@ -33,7 +33,7 @@ ANY = [None, "", 0, 1, -1, 65536, True, False, 1.5, [], {}, "x", "web", "Web", "
        ["10.0.0.3"], ["10.0.0.3", "10.0.0.3"], ["10.0.0.4", "2001:db8::4"], [8080, 8080], [1, 2],
        [True], ["80"], {"app": "x"}, {"app": ""}, {"": "x"}, {"a/b": "c"}, {"app": 1},
        {1: "x"}, {"k": "v" * 64}, "tcp", "http", "http2", "HTTP", "ewma", "random", "x" * 64,
-       "ns-1", "default", "a.b", "a..b", {"region": "r"}, {"region": 0}, {"zone": "z", "x": 1},
+       "ns-1", "default", "a.b", "a..b", "a" * 253, "a" * 254, "a." * 126 + "a", {"region": "r"}, {"region": 0}, {"zone": "z", "x": 1},
        {"algorithm": "random"}, {"localityFailover": False}, {"localityFailover": 0},
        {"algorithm": None, "localityFailover": None}, {"port": 80}, [{"port": 80}],
        [{"port": 80}, {"port": 80}], [{"name": "a", "port": 80}, {"name": "a", "port": 81}],
@@ -104,3 +104,12 @@ def test_errors_still_come_from_the_detailed_validator():
     with pytest.raises(ManifestError) as e:
         from_dict(doc, source="controller")
     assert 'duplicate name' in str(e.value) and "duplicate port" in str(e.value)
+
+
+@pytest.mark.parametrize("field", ["name", "namespace"])
+def test_every_value_of_a_name_field(field):
+    for base in (WORKLOAD, SERVICE):
+        for v in ANY:
+            doc = copy.deepcopy(base)
+            doc["metadata"][field] = copy.deepcopy(v)
+            check(doc)
