@@ -93,8 +93,7 @@ class Decoder:
             if follower is None:
                 res.follower, res.changed = weakref.ref(self), set()
         with _gc_paused(len(touched) > _LARGE):
-            for key in touched:
-                self._decode(key, res.objects.get(key))
+            self._decode_all(touched, res.objects)
             self._pending |= touched
             if self._bad:
                 raise Rejected("; ".join(self._bad[k] for k in res.objects if k in self._bad))
@@ -111,22 +110,27 @@ class Decoder:
         self._base, self._pending = snap, set()
         return snap
 
-    def _decode(self, key: Key, obj: dict | None) -> None:
-        if obj is None:
-            self._cache.pop(key, None)
-            self._bad.pop(key, None)
-            return
-        rv = _rv(obj)
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] == rv and key not in self._bad:
-            return
-        try:
-            r = api.from_dict(obj, source="controller", index=0)
-        except api.ManifestError as e:
-            self._bad[key] = str(e)
-            return
-        self._bad.pop(key, None)
-        self._cache[key] = (rv, r)
+    def _decode_all(self, keys: set[Key], objects: dict[Key, dict]) -> None:
+        """Decode the objects now at ``keys`` (forget those gone) unless cached at their version."""
+        cache, bad, from_dict, error = self._cache, self._bad, api.from_dict, api.ManifestError
+        for key in keys:
+            obj = objects.get(key)
+            if obj is None:
+                cache.pop(key, None)
+                bad.pop(key, None)
+                continue
+            rv = obj["metadata"].get("resourceVersion", "")   # _rv, inline: once per object
+            hit = cache.get(key)
+            if hit is not None and hit[0] == rv and key not in bad:
+                continue
+            try:
+                r = from_dict(obj, source="controller", index=0)
+            except error as e:
+                bad[key] = str(e)
+                continue
+            if bad:
+                bad.pop(key, None)
+            cache[key] = (rv, r)
 
 
 def _rv(obj: dict) -> str:
