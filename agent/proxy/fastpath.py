@@ -27,13 +27,15 @@ from agent.proxy.outbound import Outbound, Picked
 from agent.proxy.plan import ConnRecord, Upstream, plan_outbound
 from agent.proxy.relay import PROXY_MARK, RelayCounters
 from agent.proxy.splice import SpliceEngine
-from agent.redirect.netns import open_home, socket_in
+from agent.redirect.netns import open_home, sockets_in
 from controller.api import Workload
 
 log = logging.getLogger("nodemesh.agent.fastpath")
 
 REPORT_DELAY = 0.05      # seconds a metric or access-log line may wait (Envoy flushes logs each 1 s)
 # (workload, stream, original destination or None, the endpoint picked or None); trio thread
+READY_BATCH = 8          # upstream sockets made per visit to a destination's netns
+READY_TTL = 10.0         # seconds; then the ready ones are dropped (a pod may have gone)
 HandOver = Callable[[Workload, trio.SocketStream, "tuple[str, int] | None", "Picked | None"], None]
 _RESET = struct.pack("ii", 1, 0)
 
@@ -66,6 +68,7 @@ class FastPath:
         self._reports: deque = deque()
         self._token: trio.lowlevel.TrioToken | None = None
         self._home: int | None = None                   # the engine thread's own netns (fd)
+        self._ready: dict[tuple[str | None, int], list[socket.socket]] = {}   # engine thread
         self._clock: trio.abc.Clock | None = None
 
     # --- trio thread --------------------------------------------------------------------------
@@ -161,20 +164,12 @@ class FastPath:
             self._report(out.delivery.telemetry.closed, rec)
             return
         address = (ep.workload.spec.addresses[0], ep.port)
+        where = (ep.workload.spec.netns or None, socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
         try:
-            if self._home is None:
-                self._home = open_home()
-            up = socket_in(ep.workload.spec.netns or None,
-                           socket.AF_INET6 if ":" in address[0] else socket.AF_INET,
-                           socket.SOCK_STREAM | socket.SOCK_NONBLOCK, home=self._home)
+            up = self._upstream_socket(where)
         except OSError as e:
             self._decline(workload, conn, dst, Picked(ep, failed=str(e)))
             return
-        try:
-            up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
-        except PermissionError:
-            pass
-        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         out.stats.started(ep)
 
         def connected(error: OSError | None) -> None:
@@ -192,6 +187,7 @@ class FastPath:
                 out.stats.finished(ep)
                 out.stats.connect_failed(ep, t)
                 up.close()
+                self._drop_ready(where)     # the namespace may be gone or made anew
                 log.info("fast path: connect to %s:%d failed (%s); the general path takes it",
                          *address, error)
                 self._decline(workload, conn, dst, Picked(ep, failed=f"{address[0]}:{address[1]}: {error}"))
@@ -201,6 +197,36 @@ class FastPath:
             self._relay(conn, up, rec, ep, src_id, src_ip)
 
         self.engine.connect(up, address, out.delivery.connect_timeout, connected)
+
+    def _upstream_socket(self, where: tuple[str | None, int]) -> socket.socket:
+        """A new marked, non-blocking TCP socket in ``where`` = (netns, family), from a few made
+        in one visit to the namespace (two ``setns`` and an ``open`` per batch, not per
+        connection). The ready ones of a namespace are dropped when a connect from one fails
+        and every ``READY_TTL`` seconds, so none outlives its pod for long."""
+        ready = self._ready.get(where)
+        if not ready:
+            if self._home is None:
+                self._home = open_home()
+            ready = sockets_in(where[0], READY_BATCH, where[1],
+                               socket.SOCK_STREAM | socket.SOCK_NONBLOCK, home=self._home)
+            for s in ready:
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+                except PermissionError:
+                    pass
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self._ready:
+                self.engine.later(READY_TTL, self._expire_ready)
+            self._ready[where] = ready
+        return ready.pop()
+
+    def _drop_ready(self, where) -> None:
+        for s in self._ready.pop(where, ()):
+            s.close()
+
+    def _expire_ready(self) -> None:
+        for where in list(self._ready):
+            self._drop_ready(where)
 
     def _relay(self, conn: socket.socket, up: socket.socket, rec: ConnRecord, ep, src_id,
                src_ip: str) -> None:
