@@ -7,7 +7,7 @@ the connection's reader. Knows nothing of CONNECT semantics or of the transport.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import h2.exceptions
 import trio
@@ -74,6 +74,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._send_lot = trio.lowlevel.ParkingLot()
         self._sending = False
         self._receiving = False
+        self.on_broken: Callable[[], None] | None = None   # called once when reset or lost
 
     # --- trio stream API --------------------------------------------------------------------
 
@@ -265,6 +266,9 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._wake_receivers()
         if self._send_lot:
             self._send_lot.unpark_all()
+        callback, self.on_broken = self.on_broken, None
+        if callback is not None:
+            callback()
 
     def _abort(self, error_code: int, *, reset: bool = True) -> None:
         """Close without waiting: RST_STREAM(error_code) unless finished, drop the buffer."""

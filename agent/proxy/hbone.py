@@ -296,9 +296,15 @@ def _parse_request(stream: HboneStream, raw: Headers, peer: str) -> ConnectReque
 async def _run_handler(handler: Callable[[ConnectRequest], Awaitable[None]],
                        request: ConnectRequest, address: str) -> None:
     stream = request._stream
+    # A stream the client resets (or loses) before it is answered ends its handler at once:
+    # a flood of CONNECTs reset right away must not leave as many dials running upstream.
+    # Once answered, the handler's relay sees the reset itself (and logs it).
+    scope = trio.CancelScope()
+    stream.on_broken = lambda: scope.cancel() if request.answered is None else None
     try:
-        await handler(request)
-        if request.answered is None:
+        with scope:
+            await handler(request)
+        if request.answered is None and not scope.cancelled_caught:
             await request.reject(502)
     # The handler is the caller's code; one bad stream must not take the connection down.
     except Exception:

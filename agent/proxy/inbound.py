@@ -141,6 +141,7 @@ class Inbound:
                          src_workload=snap.workload_at(source_ip))
         tel = self.delivery.telemetry
         upstream = None
+        piped = False
         try:
             ip, port = req.destination
             if workload is None or ip not in workload.spec.addresses:
@@ -166,11 +167,18 @@ class Inbound:
                 return
             tunnel = await req.accept()
             tel.opened(rec)
+            piped = True
             await self.delivery.pipe(tunnel, upstream, workload, port, source, source_ip, rec)
         except (HboneError, RelayError, OSError) as e:
             rec.error = rec.error or str(e)
             if upstream is not None:
                 await abort(upstream)
+        except trio.Cancelled:
+            if upstream is not None and not piped:   # the client reset the stream meanwhile
+                rec.error = rec.error or "the client reset the stream before it was answered"
+                with trio.CancelScope(shield=True):
+                    await abort(upstream)
+            raise
         finally:
             tel.closed(rec)
 

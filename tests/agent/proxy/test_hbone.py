@@ -496,3 +496,31 @@ async def test_the_callers_tcp_stream_still_knows_the_peer_while_serving(nursery
                                 ssl_context=client_ctx, forwarded_for="10.1.2.3")
         await ended.wait()
     assert seen == ["127.0.0.1", -1]
+
+
+async def test_a_stream_reset_before_it_is_answered_stops_its_handler(server, echo_port, client_ctx):
+    """Rapid reset: a CONNECT the client gives up on at once must not leave its handler (a dial
+    upstream, say) running on the server."""
+    started, stopped = trio.Event(), trio.Event()
+
+    async def slow(req):
+        started.set()
+        try:
+            await trio.sleep_forever()             # e.g. an upstream that never answers
+        finally:
+            stopped.set()
+
+    server.handler = slow
+    with trio.fail_after(10):
+        async with hbone.open_hbone_pool() as pool:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx)))
+                await started.wait()
+                nursery.cancel_scope.cancel()      # the client resets the stream
+            await stopped.wait()                   # ... and the server's handler ends
+            server.handler = None                  # the connection still serves others
+            stream = await pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx))
+            await stream.send_all(b"next")
+            assert await receive_exactly(stream, 4) == b"next"
+            await stream.aclose()
+    assert server.tcp_accepted == 1
