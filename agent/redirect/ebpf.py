@@ -1,7 +1,7 @@
 """ebpf.py: redirect mode "ebpf" — bcc-compiled programs of bpf/ on each workload's cgroup and netns.
 
-The only module that imports bcc. Compiles bpf/*.c once at ``start`` (off the trio thread),
-parameters as cflags, and attaches per workload:
+Compiles bpf/*.c once at ``start`` (off the trio thread, in a child process: ebpf_build.py is
+the only module that imports bcc), parameters as cflags, and attaches per workload:
 
 - Outbound, on the workload's cgroup v2 (``spec.cgroup``): ``cgroup/connect4`` rewrites a TCP
   connect() to 127.0.0.1:15001 (in the client's own netns: the in-pod listener), skipping
@@ -47,7 +47,7 @@ from pathlib import Path
 import trio
 
 from agent.proxy.relay import PROXY_MARK
-from agent.redirect import bpfmaps
+from agent.redirect import bpfmaps, ebpf_build
 from agent.redirect.base import (INBOUND_HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, Finding,
                                  RedirectError)
 from agent.redirect.netns import netns_cookie, netns_path, socket_in
@@ -118,47 +118,10 @@ def _ipv4(addresses) -> list[str]:
 
 # --- compile -----------------------------------------------------------------------------------
 
-def _compile():
-    """Compile and load all programs; returns (BPF, {name: prog fd}). Blocking (0.5–2.5 s)."""
-    from bcc import BPF, BPFAttachType, BPFProgType
-    if "BCC_KERNEL_SOURCE" not in os.environ and os.path.isdir(KHEADERS) \
-            and not os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
-        os.environ["BCC_KERNEL_SOURCE"] = KHEADERS
-    text = "\n".join((BPF_DIR / f).read_text() for f in PROGRAM_FILES)
-    try:
-        b = BPF(text=text.encode(), cflags=cflags())
-    except Exception as e:
-        raise RedirectError(f"compiling {', '.join(PROGRAM_FILES)} failed: {e} (is BCC_KERNEL_SOURCE "
-                            f"set to a header tree? see KERNEL-NOTES)") from e
-    try:
-        fds = {}
-        for name, ptype, atype in (("nm_connect4", BPFProgType.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET4_CONNECT),
-                                   ("nm_connect6", BPFProgType.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET6_CONNECT),
-                                   ("nm_sockops", BPFProgType.SOCK_OPS, -1),
-                                   ("nm_sk_lookup", 30, BPFAttachType.SK_LOOKUP)):  # 30: BPF_PROG_TYPE_SK_LOOKUP
-            fds[name] = b.load_func(name.encode(), ptype, attach_type=atype).fd
-    except Exception as e:
-        b.cleanup()
-        raise RedirectError(f"loading the redirect programs failed: {e}") from e
-    _trim_heap()
-    return b, fds
-
-
-def _trim_heap() -> None:
-    """Give back to the kernel what the compile freed: LLVM frees ~40 MB when it is done, and
-    glibc keeps freed heap unless asked (``malloc_trim``)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass                          # not glibc: nothing to ask
-
-def _table_fd(b, name: str) -> int:
-    from bcc import libbcc
-    fd = libbcc.lib.bpf_table_fd(b.module, name.encode())
-    if fd < 0:
-        raise RedirectError(f"map {name} missing from the compiled programs")
-    return fd
+def _compile() -> ebpf_build.Built:
+    """Compile and load all programs, in a child process (agent/redirect/ebpf_build.py: the
+    agent never holds bcc or LLVM). Blocking (0.5–3 s). Raises RedirectError."""
+    return ebpf_build.build()
 
 
 def supported() -> tuple[bool, str]:
@@ -179,12 +142,12 @@ def supported() -> tuple[bool, str]:
         return False, str(e)
     with _spare_lock:                  # the next start() uses it instead of compiling again
         while _spare:
-            _spare.pop()[0].cleanup()
+            _spare.pop().cleanup()
         _spare.append(compiled)
     return True, ""
 
 
-_spare: list = []                      # at most one (BPF, fds) compiled by supported()
+_spare: list = []                      # at most one Built compiled by supported()
 _spare_lock = threading.Lock()
 
 
@@ -232,9 +195,8 @@ class EbpfRedirector:
         """Compile and load the programs (once), then detach our programs from cgroups recorded
         by an earlier run whose workloads are not in ``local``. Raises RedirectError."""
         if self._bpf is None:
-            b, progs = await trio.to_thread.run_sync(_compiled)
-            self._bpf, self._progs = b, progs
-            self._maps = {n: _table_fd(b, n) for n in ("origdst_by_peer", "own_addrs", "inbound_listeners")}
+            built = await trio.to_thread.run_sync(_compiled)
+            self._bpf, self._progs, self._maps = built, built.progs, built.maps
         await trio.to_thread.run_sync(self._sweep, local)
 
     def _sweep(self, local: list[Workload]) -> None:

@@ -17,6 +17,7 @@ import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
@@ -346,8 +347,8 @@ async def test_inbound_from_outside_goes_to_15006_hbone_and_in_pod_do_not(pod, t
 def test_ctypes_mirrors_match_the_c_layout():
     """bcc derives each map's key/leaf ctypes type from clang's layout of bpf/include/origdst.h."""
     pytest.importorskip("bcc")
-    from agent.redirect.ebpf import _compile
-    b, _ = _compile()
+    from agent.redirect.ebpf_build import compile_here
+    b, _ = compile_here()
     try:
         for table, kind, mirror in (("origdst_by_peer", "Key", bpfmaps.OrigdstKey),
                                     ("origdst_by_peer", "Leaf", bpfmaps.Origdst),
@@ -386,3 +387,23 @@ def test_cflags_carry_the_parameters():
     flags = cflags()
     assert "-DOUTBOUND_PORT=15001" in flags and "-DPROXY_MARK=0x539" in flags
     assert "-DINBOUND_HBONE_PORT=15008" in flags and "-DINBOUND_PLAIN_PORT=15006" in flags
+
+
+@pytest.mark.root
+def test_the_agent_compiles_in_a_child_and_never_holds_bcc(tmp_path):
+    """bcc and LLVM stay in a short-lived child (~100 MB of RSS otherwise): after start the
+    agent's process has the programs and maps as descriptors, and no bcc module."""
+    pytest.importorskip("bcc")
+    root = str(Path(__file__).resolve().parents[3])
+    code = ("import sys, trio\n"
+            "from agent.redirect.ebpf import EbpfRedirector\n"
+            f"r = EbpfRedirector(instance='childcheck', state_dir={str(tmp_path)!r})\n"
+            "trio.run(r.start, [])\n"
+            "assert set(r._progs) == {'nm_connect4', 'nm_connect6', 'nm_sockops', 'nm_sk_lookup'}\n"
+            "assert all(fd >= 0 for fd in [*r._progs.values(), *r._maps.values()])\n"
+            "print('bcc' in sys.modules)\n"
+            "trio.run(r.stop)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
