@@ -63,20 +63,23 @@ class Registry:
 
     def reauthorize(self, snapshot) -> list[Live]:
         """Cancel every tracked connection ``snapshot`` now denies; return them."""
-        closed = []
-        for live in list(self._live):
-            workload = snapshot.workload(*live.destination)
-            if workload is None or live.denied is not None:
-                continue  # a vanished workload's connections end with its pod
-            decision = authorize(snapshot, live.facts(workload))
-            if isinstance(decision, Deny):
-                live.denied = decision
-                live.scope.cancel()
-                closed.append(live)
-                log.info("closing connection from %s (%s) to %s/%s:%d: now denied by %s rule %s",
-                         live.source_ip, live.source_identity.uri if live.source_identity else "plaintext",
-                         *live.destination, live.port, decision.policy, decision.rule)
-        return closed
+        return [live for live in list(self._live) if self.check(live, snapshot)]
+
+    def check(self, live: Live, snapshot) -> bool:
+        """Cancel ``live`` if ``snapshot`` denies it (True then). For a connection tracked only
+        after it was decided and dialled: a policy change published meanwhile is caught here."""
+        workload = snapshot.workload(*live.destination)
+        if workload is None or live.denied is not None:
+            return False  # a vanished workload's connections end with its pod
+        decision = authorize(snapshot, live.facts(workload))
+        if not isinstance(decision, Deny):
+            return False
+        live.denied = decision
+        live.scope.cancel()
+        log.info("closing connection from %s (%s) to %s/%s:%d: now denied by %s rule %s",
+                 live.source_ip, live.source_identity.uri if live.source_identity else "plaintext",
+                 *live.destination, live.port, decision.policy, decision.rule)
+        return True
 
     async def run(self, holder: StateHolder, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Re-authorize on every published snapshot, forever."""

@@ -78,6 +78,9 @@ class FastPath:
         self._token = trio.lowlevel.current_trio_token()
         self._clock = trio.lowlevel.current_clock()     # the balancer's stats use trio's time
         raw = listener.socket
+        if not self.engine.available:                    # the agent is shutting down
+            raw.close()
+            return lambda: None
         sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
         self.engine.listen(sock, lambda conn: self._accept(workload, conn))
         return lambda: self.engine.unlisten(sock)
@@ -194,7 +197,7 @@ class FastPath:
                 return
             out.stats.connect_latency(ep, t - now, t)
             rec.dst_address = f"{address[0]}:{address[1]}"
-            self._relay(conn, up, rec, ep, src_id, src_ip)
+            self._relay(conn, up, rec, ep, src_id, src_ip, snap)
 
         self.engine.connect(up, address, out.delivery.connect_timeout, connected)
 
@@ -229,7 +232,7 @@ class FastPath:
             self._drop_ready(where)
 
     def _relay(self, conn: socket.socket, up: socket.socket, rec: ConnRecord, ep, src_id,
-               src_ip: str) -> None:
+               src_ip: str, snap) -> None:
         out = self.outbound
         delivery = out.delivery
         counters = RelayCounters()
@@ -259,6 +262,8 @@ class FastPath:
         self._report(delivery.telemetry.opened, rec)
         canceller.pair = self.engine.adopt(conn, up, counters, ended, closing=True)
         delivery.registry.add(live)          # after adopt: a policy change can cancel it now
+        if delivery.holder.current is not snap:   # one published while we were connecting
+            delivery.registry.check(live, delivery.holder.current)
 
 
 def _reset(sock: socket.socket) -> None:

@@ -90,13 +90,17 @@ class Delivery:
             raise
 
     async def pipe(self, client: trio.abc.Stream, upstream: trio.abc.Stream, workload: Workload, port: int,
-                   source: SpiffeId | None, source_ip: str, rec: ConnRecord) -> None:
-        """Relay until both sides finish; a policy change that now denies it cancels the relay."""
+                   source: SpiffeId | None, source_ip: str, rec: ConnRecord,
+                   snapshot: Snapshot | None = None) -> None:
+        """Relay until both sides finish; a policy change that now denies it cancels the relay,
+        including one published since ``snapshot`` (what the connection was decided on)."""
         counters = RelayCounters()
         scope = trio.CancelScope()
         live = Live((workload.metadata.namespace, workload.metadata.name), port, source, source_ip, scope)
         try:
             with self.registry.track(live), scope:
+                if snapshot is not None and self.holder.current is not snapshot:
+                    self.registry.check(live, self.holder.current)   # changed since the decision
                 await self.relay(client, upstream, counters)
         except RelayError as e:
             rec.error = f"{e.reason} ({e.direction})"
@@ -168,7 +172,7 @@ class Inbound:
             tunnel = await req.accept()
             tel.opened(rec)
             piped = True
-            await self.delivery.pipe(tunnel, upstream, workload, port, source, source_ip, rec)
+            await self.delivery.pipe(tunnel, upstream, workload, port, source, source_ip, rec, snap)
         except (HboneError, RelayError, OSError) as e:
             rec.error = rec.error or str(e)
             if upstream is not None:
@@ -209,7 +213,7 @@ class Inbound:
                 await abort(stream)
                 return
             tel.opened(rec)
-            await self.delivery.pipe(stream, upstream, current, port, None, source_ip, rec)
+            await self.delivery.pipe(stream, upstream, current, port, None, source_ip, rec, snap)
         except (ProxyError, OSError) as e:
             rec.error = rec.error or str(e)
             await abort(stream)

@@ -129,7 +129,7 @@ class Outbound:
         self.delivery.telemetry.opened(rec)
         try:
             if isinstance(upstream, trio.SocketStream):   # same-node fast path: tracked like inbound
-                await self.delivery.pipe(stream, upstream, ep.workload, ep.port, src_id, src_ip, rec)
+                await self.delivery.pipe(stream, upstream, ep.workload, ep.port, src_id, src_ip, rec, snap)
             else:
                 await self._relay(stream, upstream, rec)
         finally:

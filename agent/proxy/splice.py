@@ -40,6 +40,7 @@ _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _IN, _OUT, _RDHUP = select.EPOLLIN | select.EPOLLRDHUP, select.EPOLLOUT, select.EPOLLRDHUP
 _BAD = select.EPOLLERR | select.EPOLLHUP
 _F_SETPIPE_SZ = 1031
+_ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}   # as listeners.py
 
 
 class _Cancelled(Exception):
@@ -100,6 +101,7 @@ class SpliceEngine:
         self._listening: dict[int, tuple[socket.socket, Callable]] = {}
         self._connecting: dict[int, tuple[socket.socket, Callable]] = {}
         self._timers: list[tuple[float, int, Callable[[], None]]] = []   # (due, seq, callback)
+        self._gone: set[int] = set()          # fds ended during the current poll batch
         self._seq = 0
 
     @property
@@ -133,6 +135,11 @@ class SpliceEngine:
             self._listening.clear()
             for fd in list(self._connecting):
                 self._connected(fd, ConnectionAbortedError(errno.ECONNABORTED, "agent shutting down"))
+            while self._timers:               # due now: e.g. the fast path's pending reports
+                try:
+                    heapq.heappop(self._timers)[2]()
+                except Exception:
+                    log.exception("splice engine: a timer failed at shutdown")
             for fd in (self._wake_r, self._wake_w, *[fd for p in self._pipes for fd in p]):
                 os.close(fd)
             self._wake_r = self._wake_w = -1
@@ -238,6 +245,7 @@ class SpliceEngine:
     def _connected(self, fd: int, error: OSError | None) -> None:
         sock, on_done = self._connecting.pop(fd)
         self._epoll.unregister(fd)
+        self._gone.add(fd)
         if error is None:
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             error = OSError(code, os.strerror(code)) if code else None
@@ -250,7 +258,10 @@ class SpliceEngine:
             deadline = self._timers[0][0]
             if deadline > now:
                 return deadline - now
-            heapq.heappop(self._timers)[2]()
+            try:
+                heapq.heappop(self._timers)[2]()
+            except Exception:
+                log.exception("splice engine: a timer failed")
         return None
 
     def _accept(self, fd: int) -> None:
@@ -261,7 +272,10 @@ class SpliceEngine:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                # out of descriptors or memory (or worse): pause this listener 100 ms, as
+                if e.errno not in _ACCEPT_CAPACITY:
+                    log.debug("accept on %s: %s", sock.getsockname(), e)   # that connection's
+                    continue
+                # out of descriptors or memory: pause this listener 100 ms, as
                 # trio.serve_listeners does, instead of spinning on a level-triggered epoll
                 log.error("accept on %s failed: %s; pausing it 100 ms", sock.getsockname(), e)
                 self._epoll.unregister(fd)
@@ -289,11 +303,20 @@ class SpliceEngine:
         assert self._epoll is not None
         poll, pairs, wake = self._epoll.poll, self._pairs, self._wake_r
         timeout = None
+        gone = self._gone
         while True:
+            gone.clear()
             for fd, events in poll(timeout if timeout is not None else -1):
+                # An fd ended earlier in this batch may already be closed and its number reused
+                # by a connection accepted in this batch: its stale event is not the new one's.
+                if fd in gone:
+                    continue
                 if fd == wake:
-                    if self._control_turn():
-                        return
+                    try:
+                        if self._control_turn():
+                            return
+                    except Exception:
+                        log.exception("splice engine: a control request failed")
                     continue
                 pair = pairs.get(fd)
                 try:
@@ -301,9 +324,12 @@ class SpliceEngine:
                         if not pair.closed:
                             self._turn(pair, fd, events)
                     elif fd in self._connecting:
-                        self._connected(fd, None)
+                        if events & (_OUT | _BAD):
+                            self._connected(fd, None)
                     elif fd in self._listening:
                         self._accept(fd)
+                    else:                    # nobody's: never let it spin the loop
+                        self._epoll.unregister(fd)
                 except Exception as e:       # never let one connection stop the engine
                     log.exception("splice engine: unexpected error on fd %d", fd)
                     if pair is not None:
@@ -329,6 +355,7 @@ class SpliceEngine:
                     self._epoll.unregister(pair.fileno())
                 except OSError:
                     pass                      # paused after an accept error
+                self._gone.add(pair.fileno())
                 pair.close()
         return False
 
@@ -444,6 +471,7 @@ class SpliceEngine:
         pair.error = error
         for fd in (pair.a, pair.b):
             self._pairs.pop(fd, None)
+            self._gone.add(fd)
             # a closing pair's sockets are closed in finish(), which takes them out of the set
             if pair.masks[fd] and not (pair.closing and error is None):
                 try:

@@ -146,7 +146,7 @@ async def test_stopping_serving_closes_the_listener(fast):
             try:
                 with socket.create_connection((w.spec.addresses[0], port), timeout=1):
                     pass
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, ConnectionResetError):   # reset: queued as it closed
                 break
             await trio.sleep(0.02)
 
@@ -163,3 +163,19 @@ async def test_the_balancer_chooses_once_per_connection(fast):
             await s.aclose()
     assert sorted(seen) == ["127.0.1.1"] * 3 + ["127.0.1.3"] * 3
     assert [p.endpoint.address for p in f.picked] == ["127.0.1.1"] * 3
+
+
+async def test_connections_open_at_shutdown_are_still_reported(mesh, nursery):
+    node1, _, _ = mesh
+    f = Fast(node1, nursery)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as engine_nursery:
+            await engine_nursery.start(f.engine.run)
+            s = await f.connect("client-1", (LOCAL_VIP, 80))
+            assert await round_trip(s) == b"hello"
+            while len(node1.registry) == 0:
+                await trio.sleep(0.01)
+            engine_nursery.cancel_scope.cancel()     # the agent stops with it open
+        rec = await node1.sink.next()                # its close is still counted and logged
+    assert rec.request_bytes == rec.response_bytes == 5
+    assert "shutting down" in (rec.error or "")

@@ -2,8 +2,10 @@
 counts, half-close, reset on error or cancellation), many pairs at once, and back-pressure."""
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import time
 
 import pytest
 import trio
@@ -201,3 +203,64 @@ async def test_stopping_the_engine_ends_pairs_in_flight():
     assert not engine.available
     for s in (app, upstream):
         await s.aclose()
+
+
+async def test_a_stale_event_of_an_ended_pair_does_not_touch_the_next_owner_of_its_fd(engine):
+    """One poll batch: pair 1 ends (its sockets closed at once, as the fast path does) and a
+    connection accepted later in the same batch reuses one of its fd numbers. Pair 1's other
+    event in that batch must not be applied to the new pair."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+
+    def tcp_pair_raw():
+        peer = socket.create_connection(srv.getsockname())
+        ours, _ = srv.accept()
+        ours.setblocking(False)
+        return peer, ours
+
+    ended: list[str] = []
+    keep: list[socket.socket] = []
+    pa1, a1 = tcp_pair_raw()
+    pb1, b1 = tcp_pair_raw()
+
+    def fin1(pair):
+        ended.append("P1")
+        a1.close()
+        b1.close()
+    engine.adopt(a1, b1, RelayCounters(), fin1, closing=True)
+    stall, fresh = socket.socket(), socket.socket()
+    for lst in (stall, fresh):
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(8)
+
+    def on_stall(conn):
+        keep.append(conn)
+        time.sleep(0.5)                          # holds the engine while events pile up
+
+    def on_fresh(conn):
+        peer, up = tcp_pair_raw()
+        keep.extend((peer, conn, up))
+        engine.adopt(conn, up, RelayCounters(), lambda pair: ended.append("P2"), closing=True)
+    engine.listen(stall, on_stall)
+    engine.listen(fresh, on_fresh)
+    keep.append(socket.create_connection(stall.getsockname()))
+    await trio.sleep(0.1)                        # the engine thread sleeps in on_stall
+    reset = struct.pack("ii", 1, 0)
+    # the peers' numbers are taken again at once, so the new connection's sockets get pair 1's
+    pb1.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset)
+    pb1.close()
+    holds = [os.open("/dev/null", os.O_RDONLY)]
+    keep.append(socket.create_connection(fresh.getsockname()))
+    time.sleep(0.05)
+    pa1.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset)
+    pa1.close()
+    holds.append(os.open("/dev/null", os.O_RDONLY))
+    await trio.sleep(1.0)
+    assert ended == ["P1"]                       # the new pair lives on
+    engine.unlisten(stall)
+    engine.unlisten(fresh)
+    for s in keep + [srv]:
+        s.close()
+    for fd in holds:
+        os.close(fd)
