@@ -132,11 +132,22 @@ def test_echo_app_echoes(serve):
 def lab(*args, run, check=True, timeout=120, **kw):
     env = {k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS}
     verb, rest = args[0], args[1:]
+    if verb == "up" and "--timeout" not in rest:
+        rest = (*rest, "--timeout", str(UP_BOUND))   # lab itself says which agent is not ready
     p = subprocess.run([sys.executable, "-m", "controller.cli", "lab", verb, "--dir", str(run), *rest],
                        capture_output=True, text=True, timeout=timeout, env=env, **kw)
     if check:
-        assert p.returncode == 0, f"lab {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+        assert p.returncode == 0, (f"lab {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+                                   + _log_tails(run))
     return p
+
+
+def _log_tails(run: Path, lines: int = 40) -> str:
+    """The end of each agent's log, for a failure message."""
+    out = []
+    for log in sorted((run / "logs").glob("agent-*.log")):
+        out.append(f"\n--- {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+    return "".join(out)
 
 
 def machine_state() -> dict[str, set[str]]:
