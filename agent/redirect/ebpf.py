@@ -208,9 +208,11 @@ class EbpfRedirector:
             except RedirectError:
                 pass
         with self._lock:
-            recorded = self._read_state()
+            recorded, old_ids = self._read_state(), self._read_program_ids()
             for cg in recorded - keep:
-                n = _detach_ours(cg)
+                # Only the programs an earlier run of *this* agent loaded: another agent on the
+                # machine (the lab's other nodes) may have attached its own to that cgroup since.
+                n = _detach_ours(cg, old_ids)
                 log.info("ebpf: removed %d leftover attachment(s) from %s", n, cg)
             self._write_state((recorded & keep) | {e.cgroup for e in self._enrolled.values()})
 
@@ -426,16 +428,25 @@ class EbpfRedirector:
             log.warning("ebpf: ignoring unreadable %s: %s", self._state_file, e)
             return set()
 
+    def _read_program_ids(self) -> frozenset[int] | None:
+        """The kernel ids of the programs the recorded run loaded (None: a record without them)."""
+        try:
+            ids = json.loads(self._state_file.read_text()).get("programs")
+        except (OSError, ValueError):
+            return frozenset()
+        return None if ids is None else frozenset(int(i) for i in ids)
+
     def _write_state(self, cgroups: set[str]) -> None:
         self._state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"cgroups": sorted(cgroups)}))
+        ids = sorted(bpfmaps.prog_info(fd)[0] for fd in self._progs.values())
+        tmp.write_text(json.dumps({"cgroups": sorted(cgroups), "programs": ids}))
         os.replace(tmp, self._state_file)
 
 
-def _detach_ours(cg: str) -> int:
-    """Detach every nodemesh program (by name) from cgroup ``cg``; returns how many. A missing
-    cgroup has nothing attached."""
+def _detach_ours(cg: str, ids: frozenset[int] | None = None) -> int:
+    """Detach nodemesh programs from cgroup ``cg``: those with a kernel id in ``ids``, or (None)
+    every one by name; returns how many. A missing cgroup has nothing attached."""
     try:
         fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -444,7 +455,8 @@ def _detach_ours(cg: str) -> int:
     try:
         for _, atype in reversed(CGROUP_HOOKS):
             for prog_id, prog_name in bpfmaps.attached(fd, atype):
-                if prog_name in OUR_PROGRAMS and bpfmaps.detach_id(fd, atype, prog_id):
+                if (prog_name in OUR_PROGRAMS and (ids is None or prog_id in ids)
+                        and bpfmaps.detach_id(fd, atype, prog_id)):
                     n += 1
     finally:
         os.close(fd)

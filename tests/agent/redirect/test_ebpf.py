@@ -286,6 +286,31 @@ async def test_crashed_redirector_leftovers_removed_by_next_start(pod, tmp_path)
 
 
 @pytest.mark.root
+async def test_a_sweep_leaves_another_agents_fresh_attachments_alone(pod, tmp_path):
+    """Two agents on one machine (the lab's nodes): node-b's record names a cgroup it used in an
+    earlier run; node-a enrols that cgroup now. node-b's start must not detach node-a's
+    programs (it once did: they share names), only its own earlier ones."""
+    from agent.redirect.ebpf import EbpfRedirector
+    with trio.fail_after(60):
+        old_b = EbpfRedirector(instance="node-b", state_dir=str(tmp_path))
+        await old_b.start([pod.workload])
+        await old_b.enrol(pod.workload)                       # b's earlier run used the pod...
+        await old_b.unenrol(pod.workload)
+        old_b._write_state({pod.cgroup_dir})                  # ...and crashed before forgetting it
+        a = EbpfRedirector(instance="node-a", state_dir=str(tmp_path))
+        await a.start([pod.workload])
+        await a.enrol(pod.workload)                           # the pod is node-a's now
+        b = EbpfRedirector(instance="node-b", state_dir=str(tmp_path))
+        try:
+            await b.start([])                                 # sweeps b's recorded cgroups
+            assert sorted(ours_in_tree(pod.cgroup_dir)) == ["nm_connect4", "nm_connect6", "nm_sockops"]
+        finally:
+            await b.stop()
+            await a.stop()
+            old_b._bpf.cleanup()
+
+
+@pytest.mark.root
 async def test_restarted_redirector_takes_over_enrolled_cgroup(pod, tmp_path):
     from agent.redirect.netns import listen_in
     old = redirector(tmp_path)
