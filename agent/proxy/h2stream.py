@@ -262,10 +262,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._conn._unacked_total += self._buffered
             self._chunks.clear()
             self._buffered = 0
-        self._conn._release(self)
-        self._wake_receivers()
-        if self._send_lot:
-            self._send_lot.unpark_all()
+        self._release_and_wake()
         callback, self.on_broken = self.on_broken, None
         if callback is not None:
             callback()
@@ -284,6 +281,10 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._conn._ack(self.stream_id, self._buffered)
         self._chunks.clear()
         self._buffered = 0
+        self._release_and_wake()
+
+    def _release_and_wake(self) -> None:
+        """Leave the connection's stream table and wake every waiter (readers and senders)."""
         self._conn._release(self)
         self._wake_receivers()
         if self._send_lot:

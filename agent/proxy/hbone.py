@@ -153,10 +153,17 @@ def peer_identity(tls: trio.SSLStream | TlsTransport) -> str:
     return peer if isinstance(peer, str) else peer.uri
 
 
-def _check_alpn(tls: trio.SSLStream | TlsTransport, address: str) -> None:
+async def _handshake(tls: trio.SSLStream | TlsTransport, address: str) -> str:
+    """Complete the TLS handshake, insist on h2 ALPN; the peer's identity. Raises
+    HandshakeFailed, or PeerNotAllowed (no single SPIFFE URI SAN)."""
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as e:
+        raise HandshakeFailed(address, repr(e.__cause__ or e)) from e
     proto = tls.selected_alpn_protocol()
     if proto != ALPN:
         raise HandshakeFailed(address, f"ALPN negotiated {proto!r}, HBONE needs {ALPN!r}")
+    return peer_identity(tls)
 
 
 def _peer_allowed(expected: ExpectedPeer, identity: str) -> bool:
@@ -232,12 +239,7 @@ async def serve_hbone(tls_stream: trio.SSLStream,
     taken = TlsTransport.take_over(tls_stream)
     tls: trio.SSLStream | TlsTransport = taken or tls_stream
     try:
-        try:
-            await tls.do_handshake()
-        except trio.BrokenResourceError as e:
-            raise HandshakeFailed(address, repr(e.__cause__ or e)) from e
-        _check_alpn(tls, address)
-        peer = peer_identity(tls)
+        peer = await _handshake(tls, address)
         log.debug("HBONE connection from %s as %s", address, peer)
         error: HboneError | None = None
         async with trio.open_nursery() as nursery:

@@ -17,9 +17,8 @@ import trio
 
 from agent.proxy.h2conn import CANCEL, NO_ERROR, H2Conn, HboneError, HboneStream, Headers, RemoteProtocolError
 from agent.proxy.hbone import (
-    ConnectFailed, Connector, ConnectRefused, ExpectedPeer, HandshakeFailed, PeerNotAllowed,
-    _check_alpn, _h, _peer_allowed, format_authority, format_forwarded, parse_authority,
-    peer_identity,
+    ConnectFailed, Connector, ConnectRefused, ExpectedPeer, PeerNotAllowed,
+    _h, _handshake, _peer_allowed, format_authority, format_forwarded, parse_authority,
 )
 from agent.proxy.relay import open_marked_tcp_stream
 from agent.proxy.tlsio import TlsTransport
@@ -130,12 +129,7 @@ class HbonePool:
             raise ConnectFailed(address, repr(e)) from e
         tls = TlsTransport.over(tcp, ssl_context, server_side=False)
         try:
-            try:
-                await tls.do_handshake()
-            except trio.BrokenResourceError as e:
-                raise HandshakeFailed(address, repr(e.__cause__ or e)) from e
-            _check_alpn(tls, address)
-            identity = peer_identity(tls)
+            identity = await _handshake(tls, address)
             if not _peer_allowed(expected_peer, identity):
                 raise PeerNotAllowed(identity, f"not the identity expected at {address}")
         except BaseException:

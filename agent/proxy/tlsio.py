@@ -205,24 +205,7 @@ class TlsTransport:
 
         Returns True when nothing is left over, False when ``finish_send`` must run.
         """
-        if data and not self._pending and not self._closed:
-            # The common case in one go: one record, one send.
-            try:
-                self._ssl.write(data)
-            except (ssl.SSLError, OSError) as e:
-                raise trio.BrokenResourceError(f"TLS write failed: {e!r}") from e
-            out = self._out.read()
-            try:
-                sent = self._sock.send(out)
-            except BlockingIOError:
-                sent = 0
-            except OSError as e:
-                raise trio.BrokenResourceError(f"socket write failed: {e!r}") from e
-            if sent == len(out):
-                return True
-            self._pending += memoryview(out)[sent:]
-            return False
-        self.queue(data)
+        self.queue(data)          # the common case: one record, then one send in _push
         return self._push()
 
     async def finish_send(self) -> None:

@@ -186,6 +186,7 @@ class EbpfRedirector:
         self._bpf = None
         self._progs: dict[str, int] = {}
         self._maps: dict[str, int] = {}
+        self._prog_ids: list[int] = []           # kernel ids of _progs, for the record
         self._enrolled: dict[tuple[str, str], _Enrolment] = {}
         self._lock = threading.Lock()            # enrol/unenrol run in worker threads
 
@@ -197,6 +198,7 @@ class EbpfRedirector:
         if self._bpf is None:
             built = await trio.to_thread.run_sync(_compiled)
             self._bpf, self._progs, self._maps = built, built.progs, built.maps
+            self._prog_ids = sorted(bpfmaps.prog_info(fd)[0] for fd in self._progs.values())
         await trio.to_thread.run_sync(self._sweep, local)
 
     def _sweep(self, local: list[Workload]) -> None:
@@ -223,7 +225,7 @@ class EbpfRedirector:
                 await trio.to_thread.run_sync(self._unenrol_key, key)
         if self._bpf is not None:
             self._bpf.cleanup()
-            self._bpf, self._progs, self._maps = None, {}, {}
+            self._bpf, self._progs, self._maps, self._prog_ids = None, {}, {}, []
         try:
             self._state_file.unlink()
         except FileNotFoundError:
@@ -439,8 +441,7 @@ class EbpfRedirector:
     def _write_state(self, cgroups: set[str]) -> None:
         self._state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._state_file.with_suffix(".tmp")
-        ids = sorted(bpfmaps.prog_info(fd)[0] for fd in self._progs.values())
-        tmp.write_text(json.dumps({"cgroups": sorted(cgroups), "programs": ids}))
+        tmp.write_text(json.dumps({"cgroups": sorted(cgroups), "programs": self._prog_ids}))
         os.replace(tmp, self._state_file)
 
 

@@ -47,11 +47,7 @@ class Built:
 def build() -> Built:
     """Compile and load in a child process; blocking (0.5–3 s). Raises RedirectError with the
     child's words."""
-    from agent.redirect import ebpf
-    env = dict(os.environ)
-    if "BCC_KERNEL_SOURCE" not in env and os.path.isdir(ebpf.KHEADERS) \
-            and not os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
-        env["BCC_KERNEL_SOURCE"] = ebpf.KHEADERS
+    env = _with_kernel_source(dict(os.environ))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         child = subprocess.Popen([sys.executable, "-m", "agent.redirect.ebpf_build", str(theirs.fileno())],
@@ -86,14 +82,22 @@ def build() -> Built:
         theirs.close()
 
 
+def _with_kernel_source(env):
+    """``env`` with BCC_KERNEL_SOURCE at the setup's header tree when the running kernel has
+    none of its own (KERNEL-NOTES); returns ``env``."""
+    from agent.redirect import ebpf
+    if "BCC_KERNEL_SOURCE" not in env and os.path.isdir(ebpf.KHEADERS) \
+            and not os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
+        env["BCC_KERNEL_SOURCE"] = ebpf.KHEADERS
+    return env
+
+
 def compile_here():
     """Compile and load in this process; returns (bcc BPF, {program name: fd}). Blocking."""
     from bcc import BPF, BPFAttachType, BPFProgType
 
     from agent.redirect import ebpf
-    if "BCC_KERNEL_SOURCE" not in os.environ and os.path.isdir(ebpf.KHEADERS) \
-            and not os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
-        os.environ["BCC_KERNEL_SOURCE"] = ebpf.KHEADERS
+    _with_kernel_source(os.environ)
     text = "\n".join((ebpf.BPF_DIR / f).read_text() for f in ebpf.PROGRAM_FILES)
     try:
         b = BPF(text=text.encode(), cflags=ebpf.cflags())
