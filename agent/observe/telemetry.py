@@ -10,11 +10,12 @@ proxy. Never raises: a failure is logged and that connection's report is dropped
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
-from typing import Any
+from typing import Any, Iterable
 
-from agent.observe.accesslog import AccessLog, connection_record
+from agent.observe.accesslog import AccessLog, connection_line
 from agent.observe.metrics import UNKNOWN, AgentMetrics, ConnectionLabels
 
 log = logging.getLogger("nodemesh.agent.telemetry")
@@ -32,8 +33,20 @@ class Telemetry:
         except Exception:  # telemetry must never break the data path
             log.exception("counting an opened connection failed")
 
-    def closed(self, rec: Any) -> None:
-        """Count the connection's close, its bytes and a denial, and write its access-log line.
+    def report(self, batch: Iterable[tuple[bool, Any]]) -> None:
+        """``opened(rec)`` (when the flag is true) or ``closed(rec)`` for each of a batch, in
+        order, with one flush of the access log at the end."""
+        for opened, rec in batch:
+            if opened:
+                self.opened(rec)
+            else:
+                self.closed(rec, flush=False)
+        if self.access_log is not None:
+            self.access_log.flush()
+
+    def closed(self, rec: Any, *, flush: bool = True) -> None:
+        """Count the connection's close, its bytes and a denial, and write its access-log line
+        (flushed unless ``flush`` is false: ``report`` flushes once per batch).
 
         A connection refused before it was set up (denied, no route) counts as opened here.
         """
@@ -48,34 +61,42 @@ class Telemetry:
                                 destination_workload=labels.destination_workload,
                                 destination_workload_namespace=labels.destination_workload_namespace)
             if self.access_log is not None:
-                self.access_log.write(record_of(rec))
+                self.access_log.write_line(line_of(rec), flush=flush)
         except Exception:  # telemetry must never break the data path
             log.exception("reporting a connection failed; dropping its metrics and log line")
 
 
+_LABELS: dict[tuple, ConnectionLabels] = {}   # interned: a connection's labels are built once
+_LABELS_MAX = 50_000                           # per distinct label set, not per connection
+
+
 def labels_of(rec: Any) -> ConnectionLabels:
-    """The metric labels of a connection record."""
+    """The metric labels of a connection record (the same object for equal labels)."""
     src, dst = rec.src_workload, rec.dst_workload
-    return ConnectionLabels(
-        reporter=rec.reporter,
-        source_workload=src.metadata.name if src is not None else UNKNOWN,
-        source_workload_namespace=src.metadata.namespace if src is not None else UNKNOWN,
-        source_principal=rec.src_identity or UNKNOWN,
-        destination_workload=dst.metadata.name if dst is not None else UNKNOWN,
-        destination_workload_namespace=dst.metadata.namespace if dst is not None else UNKNOWN,
-        destination_principal=rec.dst_identity or UNKNOWN,
-        destination_service=rec.dst_service or UNKNOWN,
-        connection_security_policy=rec.security,
-        response_flags=rec.flags or "-",
-    )
+    if src is not None:
+        sw, sn = src.metadata.name, src.metadata.namespace
+    else:
+        sw = sn = UNKNOWN
+    if dst is not None:
+        dw, dn = dst.metadata.name, dst.metadata.namespace
+    else:
+        dw = dn = UNKNOWN
+    key = (rec.reporter, sw, sn, rec.src_identity or UNKNOWN, dw, dn, rec.dst_identity or UNKNOWN,
+           rec.dst_service or UNKNOWN, rec.security, rec.flags or "-")   # CONNECTION_LABELS order
+    labels = _LABELS.get(key)
+    if labels is None:
+        if len(_LABELS) >= _LABELS_MAX:
+            _LABELS.clear()
+        labels = _LABELS[key] = ConnectionLabels(*key)
+    return labels
 
 
-def record_of(rec: Any, *, now: float | None = None) -> dict:
-    """The access-log record of a connection record; ``now`` is ``time.monotonic()`` at close."""
+def line_of(rec: Any, *, now: float | None = None) -> str:
+    """The access-log line of a connection record; ``now`` is ``time.monotonic()`` at close."""
     src, dst = rec.src_workload, rec.dst_workload
     if now is None:
         now = getattr(rec, "end", None) or time.monotonic()
-    return connection_record(
+    return connection_line(
         start_time=rec.start_wall, duration=now - rec.start, reporter=rec.reporter,
         src_address=rec.src_address,
         src_workload=src.metadata.name if src is not None else None,
@@ -89,3 +110,8 @@ def record_of(rec: Any, *, now: float | None = None) -> dict:
         security=rec.security, decision=rec.decision, policy=rec.policy, rule=rec.rule,
         reason=rec.reason, response_flags=rec.flags or "-", error=rec.error,
     )
+
+
+def record_of(rec: Any, *, now: float | None = None) -> dict:
+    """The access-log record of a connection record, as a dict (``line_of`` decoded)."""
+    return json.loads(line_of(rec, now=now))

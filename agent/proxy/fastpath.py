@@ -88,9 +88,10 @@ class FastPath:
     # Both run as trio run_sync_soon callbacks, which must never raise.
 
     def _drain(self) -> None:
-        while self._reports:
-            fn, rec = self._reports.popleft()
-            fn(rec)                                      # Telemetry never raises
+        reports, batch = self._reports, []
+        while reports:                                   # the engine thread may append meanwhile
+            batch.append(reports.popleft())
+        self.outbound.delivery.telemetry.report(batch)   # Telemetry never raises
 
     def _hand_over_now(self, workload: Workload, conn: socket.socket, dst, picked) -> None:
         try:
@@ -111,10 +112,11 @@ class FastPath:
                 if isinstance(a, socket.socket):
                     a.close()
 
-    def _report(self, fn, rec: ConnRecord) -> None:
-        """Run ``fn(rec)`` (telemetry) on the trio thread, in order, in batches: one wake-up of
-        the trio thread per ``REPORT_DELAY`` rather than per connection."""
-        self._reports.append((fn, rec))
+    def _report(self, opened: bool, rec: ConnRecord) -> None:
+        """Report ``rec`` as opened (or closed) on the trio thread, in order, in batches
+        (``Telemetry.report``): one wake-up of the trio thread and one access-log flush per
+        ``REPORT_DELAY`` rather than per connection."""
+        self._reports.append((opened, rec))
         if len(self._reports) == 1:
             self.engine.later(REPORT_DELAY, lambda: self._post(self._drain))
 
@@ -164,7 +166,7 @@ class FastPath:
         except Denied:
             _reset(conn)
             rec.end = time.monotonic()
-            self._report(out.delivery.telemetry.closed, rec)
+            self._report(False, rec)
             return
         address = (ep.workload.spec.addresses[0], ep.port)
         where = (ep.workload.spec.netns or None, socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
@@ -257,9 +259,9 @@ class FastPath:
             else:
                 conn.close()
                 up.close()
-            self._report(delivery.telemetry.closed, rec)
+            self._report(False, rec)
 
-        self._report(delivery.telemetry.opened, rec)
+        self._report(True, rec)
         canceller.pair = self.engine.adopt(conn, up, counters, ended, closing=True)
         delivery.registry.add(live)          # after adopt: a policy change can cancel it now
         if delivery.holder.current is not snap:   # one published while we were connecting

@@ -43,7 +43,7 @@ class Delivery:
 
     holder: StateHolder
     registry: Registry
-    telemetry: object                  # .opened(rec) / .closed(rec); see agent/observe
+    telemetry: object                  # .opened(rec) / .closed(rec) / .report(batch); agent/observe
     connect_in: ConnectIn
     connect_timeout: float = 5.0
     engine: SpliceEngine | None = None   # socket-to-socket relays; None: all through relay.relay

@@ -132,3 +132,60 @@ def test_an_unserializable_record_is_dropped_not_raised():
     log.write({"odd": {1, 2}.__class__})          # default=str copes with other objects
     assert log.dropped == 1 and log.written == 1
     assert out.getvalue().count("\n") == 1
+
+
+def _reference_record(*, start_time, duration, reporter, src_address=None, src_workload=None,
+                      src_namespace=None, src_identity=None, dst_address=None, dst_service=None,
+                      dst_workload=None, dst_namespace=None, dst_identity=None, protocol="tcp",
+                      bytes_sent=0, bytes_received=0, security="none", decision="allow",
+                      policy=None, rule=None, reason="", response_flags="-", error=None) -> dict:
+    """The record as the module docstring defines it, built the plain way (a dict for json.dumps)."""
+    return {
+        "start_time": rfc3339(start_time), "duration_ms": max(0, round(duration * 1000)),
+        "reporter": reporter,
+        "src": {"address": src_address or None, "workload": src_workload or None,
+                "namespace": src_namespace or None, "identity": src_identity or None},
+        "dst": {"address": dst_address or None, "service": dst_service or None,
+                "workload": dst_workload or None, "namespace": dst_namespace or None,
+                "identity": dst_identity or None},
+        "protocol": protocol, "bytes_sent": bytes_sent, "bytes_received": bytes_received,
+        "security": security,
+        "decision": {"result": decision, "policy": policy or None, "rule": rule, "reason": reason},
+        "response_flags": response_flags, "error": error or None,
+    }
+
+
+def test_the_hand_built_line_is_exactly_what_json_dumps_writes():
+    """connection_line formats by hand for speed; it must equal json.dumps of the plain record
+    byte for byte, whatever the strings hold (quotes, backslashes, controls, non-ASCII)."""
+    import random
+    from agent.observe.accesslog import connection_line
+    rng = random.Random(7)
+    alphabet = ['a', 'Z', '0', '"', '\\', '/', '\n', '\t', '\x00', '\x1f', '\x7f', 'é', '☃', '\U0001f600', ' ', ':', ',']
+
+    def text():
+        return rng.choice(["", None, "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))])
+
+    names = ["src_address", "src_workload", "src_namespace", "src_identity", "dst_address",
+             "dst_service", "dst_workload", "dst_namespace", "dst_identity", "policy", "error"]
+    for _ in range(500):
+        kw = {n: text() for n in names}
+        kw.update(start_time=rng.uniform(0, 2e9), duration=rng.choice([0, -1, rng.uniform(0, 1e4)]),
+                  reporter=rng.choice(["source", "destination"]), protocol=rng.choice(["tcp", "hbone"]),
+                  bytes_sent=rng.randint(0, 1 << 40), bytes_received=rng.randint(0, 1 << 40),
+                  security=rng.choice(["none", "mutual_tls"]), decision=rng.choice(["allow", "deny"]),
+                  rule=rng.choice([None, 0, 3]), reason=text() or "", response_flags=rng.choice(["-", "UF", "DENY"]))
+        want = json.dumps(_reference_record(**kw), separators=(",", ":"), ensure_ascii=False) + "\n"
+        assert connection_line(**kw) == want
+
+
+def test_rfc3339_is_right_across_seconds_in_any_order():
+    """rfc3339 remembers the last second's text; it must equal datetime's own formatting."""
+    import random
+    from datetime import datetime, timezone
+    rng = random.Random(3)
+    whens = [1_738_324_800.999, 1_738_324_801.0, 5.25, 1_738_324_800.5, 0.0, 86_399.9995, 1.0009999]
+    whens += [rng.uniform(0, 4e9) for _ in range(300)] + [1_738_324_800 + i / 997 for i in range(3000)]
+    for when in whens:
+        want = datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds")
+        assert rfc3339(when) == want.replace("+00:00", "Z"), when

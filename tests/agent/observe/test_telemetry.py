@@ -85,3 +85,24 @@ def test_a_failure_inside_telemetry_never_reaches_the_data_path():
     tel.opened(rec)
     tel.closed(rec)        # must not raise
     tel.closed(object())   # not even for a record missing every field
+
+
+def test_a_batch_is_reported_in_order_with_one_flush_of_the_access_log():
+    class Flushes(io.StringIO):
+        count = 0
+
+        def flush(self):
+            self.count += 1
+            super().flush()
+
+    m, out = AgentMetrics(), Flushes()
+    tel = Telemetry(m, AccessLog(out))
+    recs = [ConnRecord("source", "10.10.1.2", src_workload=WEB, dst_workload=DB, dst_address=f"10.10.1.5:{p}")
+            for p in (1, 2, 3)]
+    tel.report([(True, recs[0]), (True, recs[1]), (False, recs[1]), (False, recs[0]), (False, recs[2])])
+    assert [json.loads(l)["dst"]["address"] for l in out.getvalue().splitlines()] == \
+        ["10.10.1.5:2", "10.10.1.5:1", "10.10.1.5:3"]
+    assert out.count == 1
+    (_, opened), = series(m, "nodemesh_tcp_connections_opened_total")
+    (_, closed), = series(m, "nodemesh_tcp_connections_closed_total")
+    assert opened == closed == 3      # the one never reported opened is counted at its close

@@ -74,6 +74,11 @@ class Sink:
         self._event.set()
         self._event = trio.Event()
 
+    def report(self, batch):
+        for opened, rec in batch:
+            if not opened:
+                self.closed(rec)
+
     async def next(self) -> ConnRecord:
         """The next closed connection's record, in order."""
         while len(self.records) <= self._read:
