@@ -3,6 +3,8 @@
 Owns the stdlib ``ssl`` contexts: TLS 1.3 only, ALPN ``h2``, a peer certificate required in
 both directions and verified against the trust bundle, hostname checking off (the identity is
 the SPIFFE ID in the URI SAN, not a hostname). Reads the files it is given, writes none; no trio.
+The peer's identity comes from the certificate OpenSSL verified, as ``ssl`` decodes it: no
+cryptography on the data path.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from typing import Protocol
 from controller.api.errors import InvalidSpiffeId
 from controller.api.spiffe import SpiffeId
 
-from agent.identity import x509
 from agent.identity.errors import PeerIdentityError, PeerNotAllowed
 from agent.identity.ids import parse_identity
 
@@ -24,7 +25,7 @@ ALPN = "h2"
 class HasPeerCert(Protocol):
     """An ``ssl.SSLObject``/``ssl.SSLSocket`` or a ``trio.SSLStream`` (which forwards the call)."""
 
-    def getpeercert(self, binary_form: bool = ...) -> object: ...
+    def getpeercert(self, binary_form: bool = ...) -> dict | bytes | None: ...
 
 
 def server_context(cert_file: Path, key_file: Path, bundle_pem: bytes) -> ssl.SSLContext:
@@ -52,16 +53,16 @@ def _context(protocol: int, cert_file: Path, key_file: Path, bundle_pem: bytes) 
 def peer_identity(conn: HasPeerCert) -> SpiffeId | str:
     """The peer's identity: a ``SpiffeId`` for a workload, the URI itself for a control-plane ID.
 
-    Reads the verified peer certificate; it must carry exactly one URI SAN, a valid SPIFFE ID
-    (SPIFFE X.509-SVID 2). Raises ``PeerIdentityError`` otherwise.
+    Reads the peer certificate that the handshake verified (``getpeercert()``, the decoded form:
+    ``ssl`` fills it only for a context that verifies peers, as ours do); it must carry exactly
+    one URI SAN, a valid SPIFFE ID (SPIFFE X.509-SVID 2). Raises ``PeerIdentityError`` otherwise.
     """
-    der = conn.getpeercert(binary_form=True)
-    if not der:
+    cert = conn.getpeercert()
+    if cert is None:
         raise PeerIdentityError("the peer presented no certificate")
-    try:
-        sans = x509.uri_sans(der)
-    except ValueError as e:
-        raise PeerIdentityError(f"the peer certificate does not parse ({e})") from None
+    if not cert:
+        raise PeerIdentityError("the peer certificate was not verified (a context without CERT_REQUIRED)")
+    sans = [value for kind, value in cert.get("subjectAltName", ()) if kind == "URI"]
     if len(sans) != 1:
         raise PeerIdentityError(f"the peer certificate must carry exactly one URI SAN, got {sans}")
     try:

@@ -92,11 +92,6 @@ def check_chain(uri: str, chain_pem: bytes, bundle_pem: bytes, key_pem: bytes,
     return Leaf(leaf.not_valid_before_utc, leaf.not_valid_after_utc, leaf.serial_number)
 
 
-def uri_sans(der: bytes) -> list[str]:
-    """The URI SANs of a DER certificate (empty when it has none); ValueError if not DER."""
-    return _uri_sans(x509.load_der_x509_certificate(der))
-
-
 def _uri_sans(cert: x509.Certificate) -> list[str]:
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import socket
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import pytest
@@ -216,22 +218,48 @@ async def test_bundle_update_swaps_contexts_and_open_connections_are_unaffected(
                 assert "client" in errors
 
 
-class FakeSSLObject:
-    """Stands in for ssl.SSLObject where no CA would sign such a certificate for a handshake."""
+def socket_handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """A blocking ``ssl.SSLSocket`` pair over a socketpair, both sides handshaken."""
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    with ThreadPoolExecutor(1) as pool:
+        server = pool.submit(server_ctx.wrap_socket, a, server_side=True)
+        client = client_ctx.wrap_socket(b, server_hostname=None)
+        return server.result(timeout=10), client
 
-    def __init__(self, der: bytes | None):
-        self.der = der
+
+async def test_peer_identity_of_an_ssl_socket(signer):
+    node1, node2 = manager_for(signer, 1), manager_for(signer, 2)
+    with trio.fail_after(10):
+        await node1.certified(WEB)
+        await node2.certified(DB)
+    server, client = await trio.to_thread.run_sync(socket_handshake, node2.server_context(DB),
+                                                   node1.client_context(WEB))
+    with server, client:
+        assert peer_identity(server) == SpiffeId(TD, "shop", "web")
+        assert peer_identity(client) == SpiffeId(TD, "shop", "db")
+
+
+class FakeSSLObject:
+    """Stands in for ssl.SSLObject where no CA would sign such a certificate for a handshake:
+    ``getpeercert()`` answers what ``ssl`` decodes of a verified peer certificate."""
+
+    def __init__(self, cert: dict | None):
+        self.cert = cert
 
     def getpeercert(self, binary_form: bool = False):
-        assert binary_form
-        return self.der
+        assert not binary_form
+        return self.cert
 
 
-def der_with(root, uris=(), dns=()) -> bytes:
-    from cryptography.hazmat.primitives import serialization
+def decoded_with(root, tmp_path, uris=(), dns=()) -> dict:
+    """``getpeercert()`` of such a certificate, decoded by CPython's own decoder (as ``ssl`` does)."""
     cert = pki.issue(root, pki.generate_key().public_key(), now=utcnow(), ttl=dt.timedelta(hours=1),
                      uris=tuple(uris), dns_names=tuple(dns))
-    return cert.public_bytes(serialization.Encoding.DER)
+    path = tmp_path / "peer.pem"
+    path.write_bytes(pki.cert_pem(cert))
+    return ssl._ssl._test_decode_cert(str(path))
 
 
 @pytest.mark.parametrize("uris,dns,reason", [
@@ -240,13 +268,20 @@ def der_with(root, uris=(), dns=()) -> bytes:
     (("https://example.com/x",), (), "not a SPIFFE ID"),
     ((f"spiffe://{TD}/ns/shop",), (), "not a SPIFFE ID"),
 ])
-def test_peer_identity_needs_exactly_one_spiffe_uri_san(root, uris, dns, reason):
+def test_peer_identity_needs_exactly_one_spiffe_uri_san(root, tmp_path, uris, dns, reason):
     with pytest.raises(PeerIdentityError, match=reason):
-        peer_identity(FakeSSLObject(der_with(root, uris, dns)))
+        peer_identity(FakeSSLObject(decoded_with(root, tmp_path, uris, dns)))
 
 
-def test_peer_identity_needs_a_certificate():
+def test_peer_identity_reads_the_uri_san_among_others(root, tmp_path):
+    assert peer_identity(FakeSSLObject(decoded_with(root, tmp_path, (WEB,), ("web.shop",)))) == \
+        SpiffeId(TD, "shop", "web")
+
+
+def test_peer_identity_needs_a_verified_certificate():
     with pytest.raises(PeerIdentityError, match="no certificate"):
         peer_identity(FakeSSLObject(None))
-    with pytest.raises(PeerIdentityError, match="does not parse"):
-        peer_identity(FakeSSLObject(b"\x30\x03junk"))
+    with pytest.raises(PeerIdentityError, match="not verified"):
+        peer_identity(FakeSSLObject({}))          # what ssl answers under CERT_NONE
+    with pytest.raises(PeerIdentityError, match=r"exactly one URI SAN, got \[\]"):
+        peer_identity(FakeSSLObject({"subject": ((("commonName", "no SANs"),),)}))

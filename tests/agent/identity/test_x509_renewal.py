@@ -119,12 +119,6 @@ def test_bundle_must_be_ca_certificates(signed, root, epoch):
         x509.check_bundle(b"")
 
 
-def test_uri_sans_of_der(signed):
-    _, chain, _ = signed
-    der = cx509.load_pem_x509_certificate(chain).public_bytes(serialization.Encoding.DER)
-    assert x509.uri_sans(der) == [WEB]
-
-
 # --- renewal timing ------------------------------------------------------------------------
 
 def test_renew_at_is_half_life_with_at_most_5_percent_jitter():
