@@ -241,7 +241,7 @@ async def _refresh_bundle(cp: ControlPlane, identity: IdentityManager, node_uri:
                 managed, last_expiry = True, identity.expiries().get(node_uri)
             bundle = await cp.trust_bundle()
             if bundle != identity.bundle_pem:
-                identity.update_bundle(bundle)
+                await identity.update_bundle(bundle)
             expiry = identity.expiries().get(node_uri)
             if bundle != cp.bundle_pem or expiry != last_expiry:
                 await cp.update(bundle_pem=bundle, credentials=creds)

@@ -38,6 +38,15 @@ class BadBundle(IdentityError):
         super().__init__(f"trust bundle rejected: {reason}")
 
 
+class X509ChildError(IdentityError):
+    """The child process that makes keys and checks certificates (x509_proc.py) failed: it did
+    not start, crashed, was killed, timed out or answered nonsense; ``reason`` says which."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"x509 child process: {reason}")
+
+
 class NotCertified(IdentityError):
     """No usable certificate for ``uri`` (never certified, expired or forgotten)."""
 

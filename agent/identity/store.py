@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 BUNDLE = "bundle.pem"
 
@@ -44,6 +44,12 @@ class StateDir:
             return chain.read_bytes(), key.read_bytes()
         except FileNotFoundError:
             return None
+
+    def uris(self) -> list[str]:
+        """The URIs that have a saved chain, sorted (the inverse of ``files``' naming)."""
+        suffix = ".chain.pem"
+        return sorted(unquote(p.name[:-len(suffix)]) for p in self.path.glob(f"*{suffix}")
+                      if not p.name.startswith("."))
 
     def remove(self, uri: str) -> None:
         """Delete ``uri``'s files; tolerates their absence."""

@@ -1,5 +1,5 @@
 """x509.py: keys, CSRs and certificate checks — the one module of agent/identity that imports
-cryptography (STYLE habit 9).
+cryptography (STYLE habit 9), and only the child process of x509_proc.py imports it.
 
 PEM bytes in, PEM bytes and plain values out: no cryptography object leaves this module. Pure
 functions of their inputs (time is passed in as ``now``); no I/O, no trio, no TLS.
@@ -7,25 +7,19 @@ functions of their inputs (time is passed in as ``now``); no I/O, no trio, no TL
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from agent.identity.errors import BadBundle, BadCertificate
+from agent.identity.x509_proc import Leaf
+
+__all__ = ["Leaf", "check_bundle", "check_chain", "csr_pem", "new_key_pem"]
 
 MAX_CHAIN_DEPTH = 4   # leaf, up to two intermediates, root
-
-
-@dataclass(frozen=True)
-class Leaf:
-    """What the agent needs to know of an accepted leaf certificate."""
-
-    not_before: dt.datetime
-    not_after: dt.datetime
-    serial: int
 
 
 def new_key_pem() -> bytes:
@@ -116,7 +110,11 @@ def _bundle(bundle_pem: bytes) -> list[x509.Certificate]:
 
 
 def _load_key(key_pem: bytes) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(key_pem, password=None)
+    """The P-256 private key of ``key_pem``; ValueError for anything else (encrypted, RSA, junk)."""
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (TypeError, UnsupportedAlgorithm) as e:      # TypeError: encrypted, no password given
+        raise ValueError(f"unusable private key ({e})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
         raise ValueError("only ECDSA P-256 keys are used")
     return key

@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.identity import SignResult
+from agent.identity import x509 as agent_x509
 from controller import pki
 
 TD = "cluster.local"
@@ -123,6 +124,15 @@ async def virtual_now(epoch) -> Callable[[], dt.datetime]:
 @pytest.fixture
 def root(epoch) -> pki.Issuer:
     return pki.create_root("test root", now=epoch, ttl=dt.timedelta(days=365))
+
+
+@pytest.fixture
+def signed(root, epoch):
+    """(key_pem, chain_pem, bundle_pem) of a good WEB certificate."""
+    key_pem = agent_x509.new_key_pem()
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    leaf = pki.issue(root, key.public_key(), now=epoch, ttl=TTL, uris=(WEB,))
+    return key_pem, pki.cert_pem(leaf), pki.cert_pem(root.cert)
 
 
 @pytest.fixture

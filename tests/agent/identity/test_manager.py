@@ -1,7 +1,9 @@
 """IdentityManager against a real CA: on-demand certificates, renewal, backoff, rejection, persistence.
 
 Time is trio's autojump clock: ``virtual_now`` is ``epoch + trio.current_time()``, so a 24 h
-certificate reaches half life in milliseconds.
+certificate reaches half life in milliseconds. The x509 operations run in this process
+(``x509_proc.run_in_process``): waiting for a child would let the mock clock jump. The child
+itself is test_x509_proc.py's.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from agent.identity import (
     BadBundle, BadCertificate, IdentityManager, NotCertified, SignerError,
 )
+from agent.identity import x509_proc
 from agent.identity.renewal import JITTER_FRACTION
 from controller import pki
 from controller.api.errors import InvalidSpiffeId
@@ -31,9 +34,13 @@ def signer(root, virtual_now):
     return RealSigner(root, virtual_now)
 
 
+def make(signer, **kwargs) -> IdentityManager:
+    return IdentityManager(signer, run_x509=x509_proc.run_in_process, **kwargs)
+
+
 @pytest.fixture
 def manager(signer, virtual_now, rng):
-    return IdentityManager(signer, now=virtual_now, rng=rng)
+    return make(signer, now=virtual_now, rng=rng)
 
 
 def window(c) -> tuple[dt.datetime, dt.datetime]:
@@ -230,15 +237,15 @@ async def test_bundle_push_rebuilds_contexts_and_bad_bundles_are_refused(manager
     before = {u: (manager.server_context(u), manager.client_context(u)) for u in (WEB, DB)}
     new_root = pki.create_root("new root", now=epoch, ttl=dt.timedelta(days=365))
     both = pki.cert_pem(root.cert) + pki.cert_pem(new_root.cert)
-    manager.update_bundle(both)
+    await manager.update_bundle(both)
     assert manager.bundle_pem == both
     for u, (server, client) in before.items():
         assert manager.server_context(u) is not server and manager.client_context(u) is not client
     same = manager.server_context(WEB)
-    manager.update_bundle(both)                                      # unchanged: nothing rebuilt
+    await manager.update_bundle(both)                                # unchanged: nothing rebuilt
     assert manager.server_context(WEB) is same
     with pytest.raises(BadBundle):
-        manager.update_bundle(b"not a bundle")
+        await manager.update_bundle(b"not a bundle")
     assert manager.bundle_pem == both and manager.server_context(WEB) is same
 
 
@@ -273,7 +280,7 @@ async def test_forget_during_a_request_drops_the_answer(manager, signer, autojum
 async def test_restart_serves_from_the_state_dir_then_renews(signer, virtual_now, rng, tmp_path,
                                                              autojump_clock):
     state = tmp_path / "identity"
-    first_mgr = IdentityManager(signer, now=virtual_now, rng=rng, state_dir=state)
+    first_mgr = make(signer, now=virtual_now, rng=rng, state_dir=state)
     first = await first_mgr.certified(WEB)
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
     files = sorted(p.name for p in state.iterdir())
@@ -281,7 +288,8 @@ async def test_restart_serves_from_the_state_dir_then_renews(signer, virtual_now
     assert all(stat.S_IMODE(os.stat(state / f).st_mode) == 0o600 for f in files)
 
     await trio.sleep(HOUR)                                           # the agent restarts
-    restarted = IdentityManager(signer, now=virtual_now, rng=rng, state_dir=state)
+    restarted = make(signer, now=virtual_now, rng=rng, state_dir=state)
+    await restarted.load_saved()                                     # what run() does first
     ctx = restarted.server_context(WEB)                              # straight from disk
     again = await restarted.certified(WEB)
     assert (again.serial, again.key_pem, again.chain_pem) == (first.serial, first.key_pem, first.chain_pem)
@@ -297,16 +305,17 @@ async def test_restart_serves_from_the_state_dir_then_renews(signer, virtual_now
         n.cancel_scope.cancel()
     renewed = await restarted.certified(WEB)
     assert renewed.serial != first.serial
-    on_disk = IdentityManager(signer, now=virtual_now, rng=rng, state_dir=state)
+    on_disk = make(signer, now=virtual_now, rng=rng, state_dir=state)
     assert (await on_disk.certified(WEB)).serial == renewed.serial   # the renewal was saved
 
 
 async def test_an_expired_or_broken_saved_certificate_is_replaced(signer, virtual_now, rng, tmp_path,
                                                                   autojump_clock):
     state = tmp_path / "identity"
-    first = await IdentityManager(signer, now=virtual_now, rng=rng, state_dir=state).certified(WEB)
+    first = await make(signer, now=virtual_now, rng=rng, state_dir=state).certified(WEB)
     await trio.sleep(TTL.total_seconds() + 1)
-    later = IdentityManager(signer, now=virtual_now, rng=rng, state_dir=state)
+    later = make(signer, now=virtual_now, rng=rng, state_dir=state)
+    await later.load_saved()
     with pytest.raises(NotCertified):
         later.server_context(WEB)
     second = await later.certified(WEB)
@@ -316,14 +325,14 @@ async def test_an_expired_or_broken_saved_certificate_is_replaced(signer, virtua
     key_file.write_bytes(serialization.load_pem_private_key(
         pki.key_pem(pki.generate_key()), None).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    broken = IdentityManager(signer, now=virtual_now, rng=rng, state_dir=state)
+    broken = make(signer, now=virtual_now, rng=rng, state_dir=state)
     third = await broken.certified(WEB)                              # key does not match: ask again
     assert third.serial not in (first.serial, second.serial) and len(signer.calls) == 3
 
 
 async def test_forget_deletes_the_saved_files(signer, virtual_now, rng, tmp_path):
     state = tmp_path / "identity"
-    manager = IdentityManager(signer, now=virtual_now, rng=rng, state_dir=state)
+    manager = make(signer, now=virtual_now, rng=rng, state_dir=state)
     await manager.certified(WEB)
     manager.forget(WEB)
     assert sorted(p.name for p in state.iterdir()) == ["bundle.pem"]

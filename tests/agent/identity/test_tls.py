@@ -207,11 +207,11 @@ async def test_bundle_update_swaps_contexts_and_open_connections_are_unaffected(
             _, _, errors = await handshake(tcp, b.server_context(DB), a.client_context(WEB))
             assert "client" in errors and verify_failed(errors["client"])
 
-        a.update_bundle(pki.cert_pem(old.cert) + pki.cert_pem(new.cert))    # the push of the rotation
+        await a.update_bundle(pki.cert_pem(old.cert) + pki.cert_pem(new.cert))   # the push of the rotation
         async with tcp_pair() as tcp:
             server, client, errors = await handshake(tcp, b.server_context(DB), a.client_context(WEB))
             assert errors == {}
-            a.update_bundle(pki.cert_pem(old.cert))                         # new root dropped again
+            await a.update_bundle(pki.cert_pem(old.cert))                   # new root dropped again
             assert await echo(server, client) == b"PING"                    # the open one still works
             async with tcp_pair() as tcp2:
                 _, _, errors = await handshake(tcp2, b.server_context(DB), a.client_context(WEB))

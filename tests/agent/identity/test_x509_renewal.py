@@ -34,15 +34,6 @@ def test_each_key_is_new():
     assert x509.new_key_pem() != x509.new_key_pem()
 
 
-@pytest.fixture
-def signed(root, epoch):
-    """(key_pem, chain_pem, bundle_pem) of a good WEB certificate."""
-    key_pem = x509.new_key_pem()
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    leaf = pki.issue(root, key.public_key(), now=epoch, ttl=TTL, uris=(WEB,))
-    return key_pem, pki.cert_pem(leaf), pki.cert_pem(root.cert)
-
-
 def test_check_chain_accepts_a_good_chain(signed, epoch):
     key_pem, chain, bundle = signed
     leaf = x509.check_chain(WEB, chain, bundle, key_pem, epoch)

@@ -296,7 +296,7 @@ async def test_root_rotation_mid_traffic(mesh, controller):
         admin = controller.client()
         await controller.call(admin.rotate_ca, 0)   # no propagation delay: the test pushes bundles itself
         for node in (node1, node2):            # what the agent's bundle refresh does
-            node.identity.update_bundle(await node.cp.trust_bundle())
+            await node.identity.update_bundle(await node.cp.trust_bundle())
         node2.identity.forget(WEB)             # web-1 now gets a new-root certificate ...
         await node2.identity.certified(WEB)    # ... while client-1 keeps its old-root one
         assert await round_trip(s, b"during") == b"during"   # the open connection carries on
