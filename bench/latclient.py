@@ -38,6 +38,16 @@ def response_end(buf: bytearray) -> int:
     return total if len(buf) >= total else 0
 
 
+def read_response(s: socket.socket, buf: bytearray) -> None:
+    """Read one whole response from blocking ``s``; leftovers stay in ``buf`` (idleclient.py)."""
+    while not (total := response_end(buf)):
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError("the connection closed before a whole response")
+        buf += chunk
+    del buf[:total]
+
+
 class Conn:
     def __init__(self, s: socket.socket) -> None:
         self.s, self.buf, self.due = s, bytearray(), 0
@@ -65,8 +75,7 @@ def main() -> None:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c = Conn(s)
         s.sendall(REQ)                      # warm each path once
-        while not c.read():
-            pass
+        read_response(s, c.buf)
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ, c)
         idle.append(c)
