@@ -10,8 +10,11 @@ Modes: ``stream`` (one stream, N request/response exchanges) and ``per-request``
 stream per exchange: open, send, half-close, read to EOF, close; the TLS connection is pooled).
 With ``--relay`` the server relays each stream (agent.proxy.relay, as the inbound proxy does)
 to a TCP echo server in a third process, so its figure is a whole destination proxy's cost.
+``--server floor`` (implies ``--relay``) puts ``bench.hbone_floor`` in the server's place: the
+same hop on a bare epoll loop, the least such a server can cost in Python.
 
-    PYTHONPATH=. python -m bench.hbone_micro [--requests 3000] [--runs 5] [--mode stream|per-request|both] [--relay]
+    PYTHONPATH=. python -m bench.hbone_micro [--requests 3000] [--runs 5] [--mode stream|per-request|both]
+                                             [--relay] [--server agent|floor]
 """
 from __future__ import annotations
 
@@ -183,6 +186,9 @@ def main() -> None:
     ap.add_argument("--mode", choices=("stream", "per-request", "both"), default="both")
     ap.add_argument("--relay", action="store_true",
                     help="the server relays to a TCP echo process instead of echoing itself")
+    ap.add_argument("--server", choices=("agent", "floor"), default="agent",
+                    help="agent: our serve_hbone (default); floor: bench.hbone_floor, a bare epoll "
+                         "loop with ssl and h2 (implies --relay)")
     ap.add_argument("--json", action="store_true", help="print the raw runs as JSON too")
     ap.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)   # the children's roles
     ap.add_argument("--relay-to", type=int, help=argparse.SUPPRESS)
@@ -204,12 +210,14 @@ def main() -> None:
         make_certs(directory)
         children = []
         relay_to = []
-        if args.relay:
+        if args.relay or args.server == "floor":
             echo = subprocess.Popen([sys.executable, "-m", "bench.hbone_micro", "--echo"],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             children.append(echo)
             relay_to = ["--relay-to", echo.stdout.readline().strip()]
-        child = subprocess.Popen([sys.executable, "-m", "bench.hbone_micro", "--serve", tmp, *relay_to],
+        role = (["-m", "bench.hbone_floor", tmp, relay_to[1]] if args.server == "floor"
+                else ["-m", "bench.hbone_micro", "--serve", tmp, *relay_to])
+        child = subprocess.Popen([sys.executable, *role],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         children.append(child)
         try:
