@@ -143,6 +143,7 @@ class H2Conn:
         self._failure: HboneError | None = None   # set once the connection is unusable
         self._goaway = False                       # no new streams (either side said GOAWAY)
         self._unacked_total = 0                    # read by streams, not yet acked to h2
+        self._to_push: list[HboneStream] = []     # streams with data for their sink (one read's)
         self._blocked = False                      # the transport holds unsent bytes
         self._writer_lot = trio.lowlevel.ParkingLot()   # the writer waits here for _blocked
         self._drained_lot = trio.lowlevel.ParkingLot()  # streams wait here while _blocked
@@ -325,6 +326,10 @@ class H2Conn:
                                           or h2.errors.ErrorCodes.PROTOCOL_ERROR) from e
             for event in events:
                 self._dispatch(event)
+            if self._to_push:
+                pushing, self._to_push = self._to_push, []
+                for stream in pushing:
+                    stream._push()
             self._flush_now()     # acks, window updates, and whatever the streams queued
             if self._blocked and self._wire.unsent > _MAX_UNSENT:
                 # A peer that keeps sending (PINGs, SETTINGS, refused streams: each asks for

@@ -2,12 +2,16 @@
 
 Owns the stream's receive buffer, its reads and writes, half-close and reset. Frames go out
 through the connection (it owns h2's state and the transport); received frames come in from
-the connection's reader. Knows nothing of CONNECT semantics or of the transport.
+the connection's reader, which may also hand them straight to a consumer's sink (``set_sink``)
+while that consumer waits with nothing buffered: bytes a sink takes count as read, what it
+does not take is buffered as usual. Knows nothing of CONNECT semantics or of the transport.
 """
 from __future__ import annotations
 
 from collections import deque
 from typing import TYPE_CHECKING, Callable
+
+Sink = Callable[[memoryview | bytes], int]
 
 import h2.exceptions
 import trio
@@ -75,6 +79,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._receiving = False
         self.on_broken: Callable[[], None] | None = None   # called once when reset or lost
+        self._sink: Sink | None = None
+        self._push_due = False          # in the connection's list of streams to push
 
     # --- trio stream API --------------------------------------------------------------------
 
@@ -121,6 +127,37 @@ class HboneStream(trio.abc.HalfCloseableStream):
         except h2.exceptions.ProtocolError:
             return False
         return True
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Send ``data`` without waiting, if it can leave at once: one DATA frame within the
+        windows, a transport that is not backed up, no other send running.
+
+        Returns False, having sent nothing, when it cannot (then ``send_all`` it). Not a
+        checkpoint: for a caller that checkpoints anyway (a relay, in its next receive).
+        Raises ``trio.BrokenResourceError``/``ClosedResourceError`` as ``send_all`` does.
+        """
+        conn = self._conn
+        if self._sending or conn._blocked or type(data) is not bytes or not data:
+            return False
+        self._check_send()
+        if not self._send_one_frame(data):
+            return False
+        conn._flush_now()
+        if conn._failure is not None:
+            raise trio.BrokenResourceError(str(conn._failure)) from conn._failure
+        return True
+
+    def set_sink(self, sink: Sink | None) -> None:
+        """Offer received data to ``sink`` before waking the receiver (None: stop).
+
+        Only while a task waits in ``receive_some`` with nothing buffered, so what the sink
+        takes is in order with what that task reads; ``sink(data)`` runs in the connection's
+        reader, must not block or raise, and returns how many leading bytes it took (0: none,
+        e.g. its socket is full; the rest is buffered and the receiver woken, so a consumer
+        that is slow still holds the window back). The sink belongs to the receiving task:
+        set it only from there, and clear it before that task stops receiving.
+        """
+        self._sink = sink
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -239,6 +276,33 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._buffered += len(data)
             if self._buffered > self.peak_buffered:
                 self.peak_buffered = self._buffered
+            if self._sink is not None and self._recv_waiter.task is not None:
+                if not self._push_due:      # pushed once the reader has dispatched the read
+                    self._push_due = True
+                    self._conn._to_push.append(self)
+            else:
+                self._recv_waiter.wake()
+
+    def _push(self) -> None:
+        """Offer what is buffered to the sink, in one piece; wake the receiver for any rest.
+
+        Called by the connection's reader after a read's frames are dispatched; skipped if
+        the receiver was woken meanwhile (END_STREAM, reset, close): then it reads it all.
+        """
+        self._push_due = False
+        sink = self._sink
+        if sink is None or self._recv_waiter.task is None or not self._buffered:
+            return
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        n = sink(data)
+        if n:
+            chunks.clear()
+            if n < len(data):
+                chunks.append(memoryview(data)[n:])
+            self._buffered -= n
+            self._conn._consumed(self, n)
+        if self._buffered:
             self._recv_waiter.wake()
 
     def _on_response(self, headers: Headers) -> None:

@@ -1,7 +1,9 @@
 """relay.py: copy bytes both ways between two trio streams, and open the proxy's own sockets.
 
 Owns read sizing, half-close propagation, abort-on-error and byte counting. Knows nothing of
-what the streams are (TCP, TLS, HBONE), of identities or of policy.
+what the streams are (TCP, TLS, HBONE), of identities or of policy: it uses what they offer,
+a socket's file descriptor, a stream's ``send_nowait`` and ``set_sink`` (a source that hands
+data to the relay's TCP socket itself, from the task that received it: no wake-up of ours).
 """
 from __future__ import annotations
 
@@ -99,18 +101,45 @@ async def _copy(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream,
     size_index = 0
     size = READ_SIZES[0]
     receive = _socket_receiver(src) or src.receive_some
-    send = _socket_sender(dst) or dst.send_all
-    while True:
-        data = await receive(size)
-        if not data:
-            break
-        await send(data)
-        setattr(counters, name, getattr(counters, name) + len(data))
-        if len(data) == size and size_index + 1 < len(READ_SIZES):
-            size_index += 1
-            size = READ_SIZES[size_index]
+    send = _socket_sender(dst) or _nowait_sender(dst) or dst.send_all
+    sink = _socket_sink(src, dst, counters, name)
+    if sink is not None:
+        src.set_sink(sink)
+    try:
+        while True:
+            data = await receive(size)
+            if not data:
+                break
+            await send(data)
+            setattr(counters, name, getattr(counters, name) + len(data))
+            if len(data) == size and size_index + 1 < len(READ_SIZES):
+                size_index += 1
+                size = READ_SIZES[size_index]
+    finally:
+        if sink is not None:
+            src.set_sink(None)
     if isinstance(dst, trio.abc.HalfCloseableStream):
         await dst.send_eof()
+
+
+def _socket_sink(src, dst, counters: RelayCounters, name: str):
+    """For a source with ``set_sink`` and a TCP destination: a sink that writes what the source
+    receives straight to the socket without blocking, counted as delivered. It takes what the
+    kernel takes; on a full socket or an error it takes nothing, and the relay's own send (woken
+    with the rest) waits or raises. None for any other pair."""
+    if type(dst) is not trio.SocketStream or not hasattr(src, "set_sink"):
+        return None
+    fd = dst.socket.fileno()
+    write = os.write
+
+    def sink(data) -> int:
+        try:
+            n = write(fd, data)
+        except OSError:
+            return 0
+        setattr(counters, name, getattr(counters, name) + n)
+        return n
+    return sink
 
 
 def _socket_receiver(stream):
@@ -153,6 +182,20 @@ def _socket_sender(stream):
             await stream.send_all(memoryview(data)[n:])
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
+    return send
+
+
+def _nowait_sender(stream):
+    """For a stream with ``send_nowait`` (HBONE): send without waiting when it can leave at
+    once, else ``send_all``. No checkpoint of its own: the next receive is one. None otherwise."""
+    send_nowait = getattr(stream, "send_nowait", None)
+    if send_nowait is None:
+        return None
+    send_all = stream.send_all
+
+    async def send(data: bytes) -> None:
+        if not send_nowait(data):
+            await send_all(data)
     return send
 
 
