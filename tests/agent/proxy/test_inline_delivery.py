@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
 
 from agent.proxy import hbone
-from agent.proxy.h2conn import STREAM_WINDOW
 from agent.proxy.relay import RelayCounters, RelayError, open_marked_tcp_stream, relay
 from tests.agent.proxy.conftest import SERVER_ID, start_tcp_server
-from tests.agent.proxy.test_h2conn import Pair, pair  # noqa: F401  (pair: a fixture)
+from tests.agent.proxy.test_h2conn import pair  # noqa: F401  (a fixture)
 
 MiB = 1024 * 1024
 
@@ -35,23 +35,31 @@ class Sink:
         return n
 
 
-async def _receiving(stream, sink: Sink, out: bytearray, done: trio.Event) -> None:
+async def _receiving(stream, sink: Sink, out: bytearray) -> None:
     stream.set_sink(sink)
     try:
         while data := await stream.receive_some():
             out.extend(data)
     finally:
         stream.set_sink(None)
-        done.set()
+
+
+@asynccontextmanager
+async def _sinking(pair, sink: Sink):
+    """A new stream of ``pair`` whose server end is read to EOF by a task with ``sink`` set;
+    yields (client end, server end, what the task read). Leaving waits for that task."""
+    stream = await pair.open()
+    [server_stream] = pair.server_streams
+    read = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_receiving, server_stream, sink, read)
+        await trio.testing.wait_all_tasks_blocked()
+        yield stream, server_stream, read
 
 
 async def test_a_waiting_receiver_is_not_woken_what_its_sink_takes_counts_as_read(pair):
-    stream = await pair.open()
-    [server_stream] = pair.server_streams
-    sink, read, done = Sink(), bytearray(), trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_receiving, server_stream, sink, read, done)
-        await trio.testing.wait_all_tasks_blocked()
+    sink = Sink()
+    async with _sinking(pair, sink) as (stream, server_stream, read):
         for i in range(3):
             await stream.send_all(bytes([i]) * 1000)
             await trio.testing.wait_all_tasks_blocked()
@@ -59,19 +67,15 @@ async def test_a_waiting_receiver_is_not_woken_what_its_sink_takes_counts_as_rea
         assert read == b"" and server_stream._buffered == 0
         assert server_stream._unacked == 3000          # read, acknowledged in a batch later
         await stream.send_eof()
-    assert done.is_set() and read == b""
+    assert read == b""
     assert server_stream._sink is None
 
 
 async def test_what_the_sink_does_not_take_is_read_after_in_order(pair):
-    stream = await pair.open()
-    [server_stream] = pair.server_streams
     # The first offer is taken in part, later ones (the receiver is busy or woken) not at all.
-    sink, read, done = Sink(lambda i, data: 100 if i == 0 else 0), bytearray(), trio.Event()
+    sink = Sink(lambda i, data: 100 if i == 0 else 0)
     payload = os.urandom(50_000)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_receiving, server_stream, sink, read, done)
-        await trio.testing.wait_all_tasks_blocked()
+    async with _sinking(pair, sink) as (stream, _, read):
         for off in range(0, len(payload), 5000):
             await stream.send_all(payload[off:off + 5000])
         await stream.send_eof()
@@ -80,21 +84,15 @@ async def test_what_the_sink_does_not_take_is_read_after_in_order(pair):
 
 
 async def test_frames_of_one_read_are_offered_in_one_piece(pair):
-    stream = await pair.open()
-    [server_stream] = pair.server_streams
-    sink, read, done = Sink(), bytearray(), trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_receiving, server_stream, sink, read, done)
-        await trio.testing.wait_all_tasks_blocked()
-        pair.client_wire.block()
-        async with trio.open_nursery() as senders:
-            senders.start_soon(stream.send_all, b"a" * 10)
-            await trio.testing.wait_all_tasks_blocked()
-            pair.client_wire.unblock()
-        await stream.send_all(b"b" * 10)       # behind the first in the same write
+    sink = Sink()
+    async with _sinking(pair, sink) as (stream, _, read):
+        h2 = pair.client._h2
+        h2.send_data(stream.stream_id, b"a" * 10)
+        h2.send_data(stream.stream_id, b"b" * 10)
+        pair.client._flush_now()                        # two DATA frames, one write
         await trio.testing.wait_all_tasks_blocked()
         await stream.send_eof()
-    assert b"".join(sink.offers) == b"a" * 10 + b"b" * 10
+    assert sink.offers == [b"a" * 10 + b"b" * 10]
     assert read == b""
 
 
