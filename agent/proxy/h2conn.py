@@ -1,6 +1,6 @@
 """h2conn.py: one HTTP/2 connection over a transport; its streams are h2stream.HboneStream.
 
-With h2stream.py and h2errors.py the only modules that import h2. Owns framing, connection
+With h2stream.py, h2errors.py and h2fast.py (plain DATA frames) the only modules that import h2. Owns framing, connection
 flow control and the connection's two tasks (a reader that dispatches frames to streams, a
 writer that finishes sends the kernel could not take at once: everything else is written
 synchronously by whoever queued it). Knows nothing of CONNECT semantics, identities, TLS or
@@ -21,6 +21,7 @@ import h2.settings
 import hyperframe.frame
 import trio
 
+from agent.proxy import h2fast
 from agent.proxy.h2errors import (
     CANCEL, NO_ERROR, ConnectionLost, HboneError, Headers, LocalProtocolError, ProtocolError,
     RemoteProtocolError, StreamReset, _code_name,
@@ -136,6 +137,7 @@ class H2Conn:
         # Replacing local_settings before the preface is h2's way to set them; the one value
         # it derived from the old object at construction must follow.
         self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
+        self._fast = h2fast.usable(self._h2)       # plain DATA frames without h2's frame objects
         self._transport = transport
         self._wire: _Wire = transport if hasattr(transport, "try_send") else _StreamWire(transport)
         self._on_request = on_request
@@ -316,7 +318,9 @@ class H2Conn:
             if self._failure is not None or self._closing:
                 return      # we are closing (GOAWAY sent): h2 refuses frames from here on
             try:
-                events = self._h2.receive_data(data)
+                events, taken = h2fast.receive_data(self._h2, data) if self._fast else ([], 0)
+                if taken < len(data):
+                    events += self._h2.receive_data(memoryview(data)[taken:] if taken else data)
             except h2.exceptions.ProtocolError as e:
                 self._flush_now()   # h2 queued a GOAWAY naming the error
                 with trio.move_on_after(_GOAWAY_FLUSH_TIMEOUT):

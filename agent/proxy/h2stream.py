@@ -16,6 +16,7 @@ Sink = Callable[[memoryview | bytes], int]
 import h2.exceptions
 import trio
 
+from agent.proxy import h2fast
 from agent.proxy.h2errors import (
     CANCEL, NO_ERROR, ConnectionLost, HboneError, Headers, LocalProtocolError,
 )
@@ -122,8 +123,10 @@ class HboneStream(trio.abc.HalfCloseableStream):
 
         h2 checks both before it changes any state, so a refusal leaves nothing behind.
         """
+        conn = self._conn
         try:
-            self._conn._h2.send_data(self.stream_id, data)
+            if not (conn._fast and h2fast.send_data(conn._h2, self.stream_id, data)):
+                conn._h2.send_data(self.stream_id, data)
         except h2.exceptions.ProtocolError:
             return False
         return True
