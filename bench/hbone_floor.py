@@ -1,7 +1,8 @@
 """hbone_floor.py: the floor under our HBONE server — the least a Python HBONE hop can cost.
 
-The server role of ``bench.hbone_micro --server floor``: one thread, a raw epoll loop, the
-stdlib's ``ssl.SSLSocket`` (non-blocking) and the same ``h2`` library, relaying each CONNECT
+The server role of ``bench.hbone_micro --server floor``: one thread, a raw epoll loop, TLS as
+an ``ssl.SSLObject`` over memory BIOs (one big ``recv`` and one ``send`` per turn, as
+agent/proxy/tlsio.py does) and the stock ``h2`` library, relaying each CONNECT
 stream to the TCP echo process — no trio, no tasks, no policy, no telemetry, no flow-control
 care beyond acknowledging what arrives. Not a proxy to run: a measuring stick. What the agent
 spends per request above this figure is what a rewrite of its HBONE data path onto one epoll
@@ -25,10 +26,12 @@ from bench.hbone_micro import context
 
 
 class _Conn:
-    """One inbound HBONE connection: h2 over an SSLSocket, one echo socket per stream."""
+    """One inbound HBONE connection: h2 over TLS over a socket, one echo socket per stream."""
 
-    def __init__(self, tls: ssl.SSLSocket, poll: select.epoll, handlers: dict, echo_port: int) -> None:
-        self.tls, self.poll, self.handlers, self.echo_port = tls, poll, handlers, echo_port
+    def __init__(self, sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO, poll: select.epoll, handlers: dict, echo_port: int) -> None:
+        self.sock, self.tls, self.incoming, self.outgoing = sock, tls, incoming, outgoing
+        self.poll, self.handlers, self.echo_port = poll, handlers, echo_port
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.h2.initiate_connection()
         self.upstreams: dict[int, socket.socket] = {}
@@ -37,19 +40,25 @@ class _Conn:
     def flush(self) -> None:
         out = self.h2.data_to_send()
         if out:
-            self.tls.sendall(out)
+            self.tls.write(out)
+        if self.outgoing.pending:
+            self.sock.sendall(self.outgoing.read())     # blocking: a measuring stick only
 
     def readable(self) -> None:
+        data = self.sock.recv(256 * 1024)
+        if not data:
+            self.poll.unregister(self.sock.fileno())
+            self.sock.close()
+            return
+        self.incoming.write(data)
         while True:
             try:
-                data = self.tls.recv(256 * 1024)
+                plain = self.tls.read(256 * 1024)
             except ssl.SSLWantReadError:
                 break
-            if not data:
-                self.poll.unregister(self.tls.fileno())
-                self.tls.close()
-                return
-            for ev in self.h2.receive_data(data):
+            if not plain:
+                break
+            for ev in self.h2.receive_data(plain):
                 if isinstance(ev, h2.events.DataReceived):
                     self.upstreams[ev.stream_id].sendall(ev.data)
                     self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
@@ -57,8 +66,6 @@ class _Conn:
                     self._open(ev.stream_id)
                 elif isinstance(ev, h2.events.StreamEnded):
                     self.upstreams[ev.stream_id].shutdown(socket.SHUT_WR)
-            if not self.tls.pending():
-                break
         self.flush()
 
     def _open(self, sid: int) -> None:
@@ -82,6 +89,25 @@ class _Conn:
         self.flush()
 
 
+def _handshake(sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
+               outgoing: ssl.MemoryBIO) -> None:
+    """The TLS handshake on the still blocking socket."""
+    while True:
+        try:
+            tls.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        if outgoing.pending:
+            sock.sendall(outgoing.read())
+        if done:
+            return
+        data = sock.recv(64 * 1024)
+        if not data:
+            raise ConnectionError("the client left during the handshake")
+        incoming.write(data)
+
+
 def main() -> None:
     directory, echo_port = Path(sys.argv[1]), int(sys.argv[2])
     ctx = context(directory, "server")
@@ -98,10 +124,12 @@ def main() -> None:
             if fd == listener.fileno():
                 raw, _ = listener.accept()
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                tls = ctx.wrap_socket(raw, server_side=True)     # the handshake, blocking
-                tls.setblocking(False)
-                handlers[tls.fileno()] = _Conn(tls, poll, handlers, echo_port).readable
-                poll.register(tls.fileno(), select.EPOLLIN)
+                incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+                tls = ctx.wrap_bio(incoming, outgoing, server_side=True)
+                _handshake(raw, tls, incoming, outgoing)
+                conn = _Conn(raw, tls, incoming, outgoing, poll, handlers, echo_port)
+                handlers[raw.fileno()] = conn.readable
+                poll.register(raw.fileno(), select.EPOLLIN)
             else:
                 handlers[fd]()
 
