@@ -37,20 +37,45 @@ REPORT_DELAY = 0.05      # seconds a metric or access-log line may wait (Envoy f
 READY_BATCH = 8          # upstream sockets made per visit to a destination's netns
 READY_TTL = 10.0         # seconds; then the ready ones are dropped (a pod may have gone)
 HandOver = Callable[[Workload, trio.SocketStream, "tuple[str, int] | None", "Picked | None"], None]
+MEMO_SIZE = 4096         # plans (and decisions) kept per snapshot; then they are made anew
 _RESET = struct.pack("ii", 1, 0)
 
 
-class _Cancel:
-    """What the live registry cancels: the engine ends the relay as failed."""
+class _Conn:
+    """One connection of the fast path from its connect to its end: the engine's callbacks are
+    its bound methods (no closures per connection) and it is what the live registry cancels.
+    Its references to the relay and the registry entry are dropped at the end, so what a
+    connection made is freed at once, not by the cycle collector."""
 
-    __slots__ = ("engine", "pair")
+    __slots__ = ("fast", "workload", "conn", "up", "dst", "rec", "ep", "address", "where", "now",
+                 "snap", "src_id", "src_ip", "counters", "live", "pair")
 
-    def __init__(self, engine: SpliceEngine) -> None:
-        self.engine, self.pair = engine, None
+    def __init__(self, fast: FastPath, workload: Workload, conn: socket.socket, dst, rec: ConnRecord,
+                 ep, snap, src_id, src_ip: str) -> None:
+        self.fast, self.workload, self.conn, self.dst, self.rec, self.ep = fast, workload, conn, dst, rec, ep
+        self.snap, self.src_id, self.src_ip = snap, src_id, src_ip
+        self.up: socket.socket | None = None
+        self.counters: RelayCounters | None = None
+        self.live: Live | None = None
+        self.pair = None
 
     def cancel(self) -> None:
-        if self.pair is not None:
-            self.engine.cancel(self.pair)
+        """The registry's cut (any thread): the engine ends the relay as failed."""
+        pair = self.pair
+        if pair is not None:
+            self.fast.engine.cancel(pair)
+
+    def connected(self, error: OSError | None) -> None:
+        try:
+            self.fast._connected(self, error)
+        except Exception:
+            log.exception("fast path failed after connecting to %s:%d", *self.address)
+            self.fast.outbound.stats.finished(self.ep)
+            self.up.close()
+            _reset(self.conn)
+
+    def ended(self, pair) -> None:
+        self.fast._ended(self, pair)
 
 
 class FastPath:
@@ -70,6 +95,9 @@ class FastPath:
         self._home: int | None = None                   # the engine thread's own netns (fd)
         self._ready: dict[tuple[str | None, int], list[socket.socket]] = {}   # engine thread
         self._clock: trio.abc.Clock | None = None
+        self._memo_snap = None                          # engine thread: what the memos hold for
+        self._plans: dict = {}        # (id(src), ip, port, passthrough) -> (src, plan, src's identity)
+        self._decisions: dict = {}    # (id(src), id(endpoint)) -> (src, endpoint, Allow | Deny)
 
     # --- trio thread --------------------------------------------------------------------------
 
@@ -133,7 +161,10 @@ class FastPath:
 
     def _start(self, workload: Workload, conn: socket.socket) -> None:
         out = self.outbound
-        snap = out.delivery.holder.current
+        delivery = out.delivery
+        snap = delivery.holder.current
+        if snap is not self._memo_snap:
+            self._memo_snap, self._plans, self._decisions = snap, {}, {}
         src = snap.workload(workload.metadata.namespace, workload.metadata.name) or workload
         try:
             dst = self._orig_dst(conn)
@@ -141,7 +172,15 @@ class FastPath:
             self._decline(workload, conn, None)         # the trio handler reports it
             return
         ip, port = dst
-        plan = plan_outbound(snap, src, ip, port, passthrough=out.passthrough)
+        # plan_outbound and authorize are pure: their answers hold for the whole snapshot
+        key = (id(src), ip, port, out.passthrough)
+        memo = self._plans.get(key)
+        if memo is None or memo[0] is not src:
+            if len(self._plans) >= MEMO_SIZE:
+                self._plans.clear()
+            memo = self._plans[key] = (src, plan_outbound(snap, src, ip, port, passthrough=out.passthrough),
+                                       snap.identity_of(src))
+        _, plan, src_id = memo
         if not isinstance(plan, Upstream):
             self._decline(workload, conn, dst)
             return
@@ -156,52 +195,51 @@ class FastPath:
         if ep.node != out.node:
             self._decline(workload, conn, dst, Picked(ep))
             return
-        src_id = snap.identity_of(src)
         src_ip = src.spec.addresses[0]
         rec = ConnRecord("source", src_ip, src_workload=src, src_identity=src_id.uri,
                          dst_address=f"{ip}:{port}", dst_service=plan.service,
                          dst_workload=ep.workload, dst_identity=ep.identity.uri)
+        key = (id(src), id(ep))
+        decided = self._decisions.get(key)
+        if decided is None or decided[0] is not src or decided[1] is not ep:
+            if len(self._decisions) >= MEMO_SIZE:
+                self._decisions.clear()
+            decided = self._decisions[key] = (src, ep, delivery.authorization(
+                snap, ep.workload, ep.port, src_id, src_ip))
         try:
-            out.delivery.decide(snap, ep.workload, ep.port, src_id, src_ip, rec)
+            delivery.decide(snap, ep.workload, ep.port, src_id, src_ip, rec, decided[2])
         except Denied:
             _reset(conn)
             rec.end = time.monotonic()
             self._report(False, rec)
             return
-        address = (ep.workload.spec.addresses[0], ep.port)
-        where = (ep.workload.spec.netns or None, socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+        c = _Conn(self, workload, conn, dst, rec, ep, snap, src_id, src_ip)
+        c.address = address = (ep.workload.spec.addresses[0], ep.port)
+        c.where = (ep.workload.spec.netns or None, socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
         try:
-            up = self._upstream_socket(where)
+            c.up = self._upstream_socket(c.where)
         except OSError as e:
             self._decline(workload, conn, dst, Picked(ep, failed=str(e)))
             return
         out.stats.started(ep)
+        c.now = now
+        self.engine.connect(c.up, address, delivery.connect_timeout, c.connected)
 
-        def connected(error: OSError | None) -> None:
-            try:
-                done(error)
-            except Exception:
-                log.exception("fast path failed after connecting to %s:%d", *address)
-                out.stats.finished(ep)
-                up.close()
-                _reset(conn)
-
-        def done(error: OSError | None) -> None:
-            t = self._clock.current_time()
-            if error is not None:
-                out.stats.finished(ep)
-                out.stats.connect_failed(ep, t)
-                up.close()
-                self._drop_ready(where)     # the namespace may be gone or made anew
-                log.info("fast path: connect to %s:%d failed (%s); the general path takes it",
-                         *address, error)
-                self._decline(workload, conn, dst, Picked(ep, failed=f"{address[0]}:{address[1]}: {error}"))
-                return
-            out.stats.connect_latency(ep, t - now, t)
-            rec.dst_address = f"{address[0]}:{address[1]}"
-            self._relay(conn, up, rec, ep, src_id, src_ip, snap)
-
-        self.engine.connect(up, address, out.delivery.connect_timeout, connected)
+    def _connected(self, c: _Conn, error: OSError | None) -> None:
+        out, ep, address = self.outbound, c.ep, c.address
+        t = self._clock.current_time()
+        if error is not None:
+            out.stats.finished(ep)
+            out.stats.connect_failed(ep, t)
+            c.up.close()
+            self._drop_ready(c.where)       # the namespace may be gone or made anew
+            log.info("fast path: connect to %s:%d failed (%s); the general path takes it",
+                     *address, error)
+            self._decline(c.workload, c.conn, c.dst, Picked(ep, failed=f"{address[0]}:{address[1]}: {error}"))
+            return
+        out.stats.connect_latency(ep, t - c.now, t)
+        c.rec.dst_address = f"{address[0]}:{address[1]}"
+        self._relay(c)
 
     def _upstream_socket(self, where: tuple[str | None, int]) -> socket.socket:
         """A new marked, non-blocking TCP socket in ``where`` = (netns, family), from a few made
@@ -233,39 +271,37 @@ class FastPath:
         for where in list(self._ready):
             self._drop_ready(where)
 
-    def _relay(self, conn: socket.socket, up: socket.socket, rec: ConnRecord, ep, src_id,
-               src_ip: str, snap) -> None:
-        out = self.outbound
-        delivery = out.delivery
-        counters = RelayCounters()
-        canceller = _Cancel(self.engine)
-        w = ep.workload
-        live = Live((w.metadata.namespace, w.metadata.name), ep.port, src_id, src_ip, canceller)
-
-        def ended(pair) -> None:
-            delivery.registry.discard(live)
-            out.stats.finished(ep)
-            rec.end = time.monotonic()           # the report waits for its batch
-            rec.request_bytes, rec.response_bytes = counters.a_to_b, counters.b_to_a
-            if live.denied is not None:
-                d = live.denied
-                rec.decision, rec.policy, rec.rule, rec.reason, rec.flags = \
-                    "deny", d.policy, d.rule, f"closed by a policy change: {d.reason}", "DENY"
-            elif pair.error is not None:
-                rec.error = f"{pair.error[1]!r} ({pair.error[0]})"
-            if pair.error is not None:
-                _reset(conn)
-                _reset(up)
-            else:
-                conn.close()
-                up.close()
-            self._report(False, rec)
-
-        self._report(True, rec)
-        canceller.pair = self.engine.adopt(conn, up, counters, ended, closing=True)
+    def _relay(self, c: _Conn) -> None:
+        delivery = self.outbound.delivery
+        c.counters = RelayCounters()
+        w = c.ep.workload
+        c.live = live = Live((w.metadata.namespace, w.metadata.name), c.ep.port, c.src_id, c.src_ip, c)
+        self._report(True, c.rec)
+        c.pair = self.engine.adopt(c.conn, c.up, c.counters, c.ended, closing=True)
         delivery.registry.add(live)          # after adopt: a policy change can cancel it now
-        if delivery.holder.current is not snap:   # one published while we were connecting
+        if delivery.holder.current is not c.snap:   # one published while we were connecting
             delivery.registry.check(live, delivery.holder.current)
+
+    def _ended(self, c: _Conn, pair) -> None:
+        live, rec, counters = c.live, c.rec, c.counters
+        c.pair = c.live = None                # no cycle left: c, the pair and live go now
+        self.outbound.delivery.registry.discard(live)
+        self.outbound.stats.finished(c.ep)
+        rec.end = time.monotonic()           # the report waits for its batch
+        rec.request_bytes, rec.response_bytes = counters.a_to_b, counters.b_to_a
+        if live.denied is not None:
+            d = live.denied
+            rec.decision, rec.policy, rec.rule, rec.reason, rec.flags = \
+                "deny", d.policy, d.rule, f"closed by a policy change: {d.reason}", "DENY"
+        elif pair.error is not None:
+            rec.error = f"{pair.error[1]!r} ({pair.error[0]})"
+        if pair.error is not None:
+            _reset(c.conn)
+            _reset(c.up)
+        else:
+            c.conn.close()
+            c.up.close()
+        self._report(False, rec)
 
 
 def _reset(sock: socket.socket) -> None:

@@ -57,11 +57,20 @@ class Delivery:
         else:
             await relay(a, b, counters=counters)
 
+    @staticmethod
+    def authorization(snap: Snapshot, workload: Workload, port: int, source: SpiffeId | None,
+                      source_ip: str) -> Allow | Deny:
+        """``authorize`` on these facts: pure, so a caller may keep it for ``snap`` (the fast path
+        does) and hand it to ``decide``."""
+        return authorize(snap, Facts(destination=workload, port=port, source_identity=source,
+                                     source_ip=source_ip))
+
     def decide(self, snap: Snapshot, workload: Workload, port: int, source: SpiffeId | None,
-               source_ip: str, rec: ConnRecord) -> Allow:
-        """Authorize, recording the decision in ``rec``; raise Denied."""
-        decision = authorize(snap, Facts(destination=workload, port=port, source_identity=source,
-                                         source_ip=source_ip))
+               source_ip: str, rec: ConnRecord, decision: Allow | Deny | None = None) -> Allow:
+        """Authorize, recording the decision in ``rec``; raise Denied. ``decision``: what
+        ``authorization`` said on these same arguments, if the caller has it already."""
+        if decision is None:
+            decision = self.authorization(snap, workload, port, source, source_ip)
         if isinstance(decision, Deny):
             rec.decision, rec.policy, rec.rule, rec.reason, rec.flags = \
                 "deny", decision.policy, decision.rule, decision.reason, "DENY"

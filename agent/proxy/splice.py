@@ -39,6 +39,7 @@ _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # RDHUP: the peer's FIN is seen with its last data, so EOF is read in the same turn
 _IN, _OUT, _RDHUP = select.EPOLLIN | select.EPOLLRDHUP, select.EPOLLOUT, select.EPOLLRDHUP
 _BAD = select.EPOLLERR | select.EPOLLHUP
+_ERR = select.EPOLLERR
 _F_SETPIPE_SZ = 1031
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}   # as listeners.py
 
@@ -54,29 +55,31 @@ class _DirectionError(Exception):
 
 
 class _Direction:
-    """One way of a pair: src -> pipe -> dst. ``pipe`` is held only while bytes are in it."""
+    """One way of a pair: src -> pipe -> dst. ``pipe`` is held only while bytes are in it;
+    ``mask`` is what the epoll set watches on src (0: src is not in it)."""
 
-    __slots__ = ("src", "dst", "name", "pipe", "pending", "eof", "done")
+    __slots__ = ("src", "dst", "src_sock", "dst_sock", "name", "forward", "pipe", "pending", "eof",
+                 "done", "mask")
 
-    def __init__(self, src: int, dst: int, name: str) -> None:
-        self.src, self.dst, self.name = src, dst, name
+    def __init__(self, src_sock, dst_sock, name: str) -> None:
+        # stdlib or trio sockets (fileno, getsockopt, shutdown)
+        self.src_sock, self.dst_sock = src_sock, dst_sock
+        self.src, self.dst = src_sock.fileno(), dst_sock.fileno()
+        self.name, self.forward = name, name == "a_to_b"
         self.pipe: tuple[int, int] | None = None
         self.pending = 0          # bytes in the pipe, not yet written to dst
         self.eof = False          # src said EOF
         self.done = False         # EOF passed on (dst shut for writing)
+        self.mask = _IN
 
 
 class _Pair:
-    __slots__ = ("a", "b", "socks", "ab", "ba", "counters", "masks", "finish", "error", "closed",
-                 "closing")
+    __slots__ = ("a", "b", "ab", "ba", "counters", "finish", "error", "closed", "closing")
 
     def __init__(self, a, b, counters: RelayCounters, finish) -> None:
-        # a, b: stdlib or trio sockets (fileno, getsockopt, shutdown)
-        self.socks = {a.fileno(): a, b.fileno(): b}
-        self.a, self.b = a.fileno(), b.fileno()
-        self.ab, self.ba = _Direction(self.a, self.b, "a_to_b"), _Direction(self.b, self.a, "b_to_a")
+        self.ab, self.ba = ab, ba = _Direction(a, b, "a_to_b"), _Direction(b, a, "b_to_a")
+        self.a, self.b = ab.src, ba.src
         self.counters = counters
-        self.masks = {self.a: _IN, self.b: _IN}
         self.finish = finish                  # finish(pair), on the engine thread, once at the end
         self.error: tuple[str, BaseException] | None = None
         self.closed = False
@@ -98,7 +101,7 @@ class SpliceEngine:
         self._wake_r = self._wake_w = -1
         self._pipes: list[tuple[int, int]] = []
         self._thread: threading.Thread | None = None
-        self._listening: dict[int, tuple[socket.socket, Callable]] = {}
+        self._listening: dict[int, tuple[socket.socket, Callable, tuple[int, int, int]]] = {}
         self._connecting: dict[int, tuple[socket.socket, Callable]] = {}
         self._timers: list[tuple[float, int, Callable[[], None]]] = []   # (due, seq, callback)
         self._gone: set[int] = set()          # fds ended during the current poll batch
@@ -130,7 +133,7 @@ class SpliceEngine:
             self._thread = None
             for pair in {id(p): p for p in self._pairs.values()}.values():   # came in late
                 self._end(pair, ("a_to_b", _Cancelled("agent shutting down")))
-            for sock, _ in self._listening.values():
+            for sock, *_ in self._listening.values():
                 sock.close()
             self._listening.clear()
             for fd in list(self._connecting):
@@ -203,7 +206,9 @@ class SpliceEngine:
         """Accept on the listening ``sock`` (now the engine's) from the engine thread, calling
         ``on_accept(conn)`` there with each new non-blocking connection. ``unlisten`` ends it."""
         sock.setblocking(False)
-        self._listening[sock.fileno()] = (sock, on_accept)
+        # socket.accept() without its per-call wrapper: the kind of socket made, looked up once
+        kind = (int(sock.family), int(sock.type), sock.proto)
+        self._listening[sock.fileno()] = (sock, on_accept, kind)
         self._epoll.register(sock.fileno(), _IN)
 
     def unlisten(self, sock: socket.socket) -> None:
@@ -265,10 +270,11 @@ class SpliceEngine:
         return None
 
     def _accept(self, fd: int) -> None:
-        sock, on_accept = self._listening[fd]
+        sock, on_accept, (family, kind, proto) = self._listening[fd]
+        accept, make = sock._accept, socket.socket
         for _ in range(64):
             try:
-                conn, _ = sock.accept()
+                conn = make(family, kind, proto, accept()[0])
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -360,31 +366,33 @@ class SpliceEngine:
         return False
 
     def _turn(self, pair: _Pair, fd: int, events: int) -> None:
-        if events & select.EPOLLERR:
-            code = pair.socks[fd].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if fd == pair.a:
+            out_dir, in_dir = pair.ab, pair.ba              # fd is out_dir's source, in_dir's dst
+        else:
+            out_dir, in_dir = pair.ba, pair.ab
+        if events & _ERR:
+            code = out_dir.src_sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
-                name = "a_to_b" if fd == pair.a else "b_to_a"
-                self._end(pair, (name, ConnectionError(code, os.strerror(code))))
+                self._end(pair, (out_dir.name, ConnectionError(code, os.strerror(code))))
                 return
-        out_dir = pair.ab if fd == pair.a else pair.ba      # fd is its source
-        in_dir = pair.ba if fd == pair.a else pair.ab       # fd is its destination
         progressed = False
         try:
             if in_dir.pending and events & (_OUT | _BAD):
-                progressed |= self._flush(in_dir, pair)
+                progressed = self._flush(in_dir, pair)
             if not out_dir.eof and not out_dir.pending and events & (_IN | _BAD):
                 progressed |= self._pump(out_dir, pair, events & (_RDHUP | _BAD))
         except _DirectionError as e:
             self._end(pair, (e.direction, e.error))
             return
-        if pair.ab.done and pair.ba.done:
+        if out_dir.done and in_dir.done:
             self._end(pair, None)
             return
         if events & _BAD and not progressed:
             # hung up with nothing left to move through this socket: nothing will change now
             self._end(pair, (out_dir.name, ConnectionResetError(errno.ECONNRESET, "peer hung up")))
             return
-        self._rearm(pair)
+        self._rearm(out_dir, in_dir)
+        self._rearm(in_dir, out_dir)
 
     def _pump(self, d: _Direction, pair: _Pair, fin: int = 0) -> bool:
         """Move what src has into the pipe, then on to dst; True if anything happened. ``fin``:
@@ -412,18 +420,19 @@ class SpliceEngine:
     def _flush(self, d: _Direction, pair: _Pair) -> bool:
         """Write the pipe's bytes to dst; True when the pipe is empty afterwards."""
         assert d.pipe is not None
+        r, dst, counters = d.pipe[0], d.dst, pair.counters
         while d.pending:
             try:
-                n = os.splice(d.pipe[0], d.dst, d.pending, flags=_FLAGS)
+                n = os.splice(r, dst, d.pending, flags=_FLAGS)
             except BlockingIOError:
                 return False
             except OSError as e:
                 raise _DirectionError(d.name, e) from None
             d.pending -= n
-            if d.name == "a_to_b":
-                pair.counters.a_to_b += n
+            if d.forward:
+                counters.a_to_b += n
             else:
-                pair.counters.b_to_a += n
+                counters.b_to_a += n
         self._release(d)
         if d.eof:
             self._shut(d, pair)
@@ -439,29 +448,28 @@ class SpliceEngine:
         if pair.closing and (pair.ba if d is pair.ab else pair.ab).done:
             return
         try:
-            pair.socks[d.dst].shutdown(socket.SHUT_WR)
+            d.dst_sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass                              # the peer is gone; the other direction will say so
 
-    def _rearm(self, pair: _Pair) -> None:
-        for fd, src_dir, dst_dir in ((pair.a, pair.ab, pair.ba), (pair.b, pair.ba, pair.ab)):
-            mask = 0
-            if not src_dir.eof and not src_dir.pending:
-                mask |= _IN
-            if dst_dir.pending:
-                mask |= _OUT
-            old = pair.masks[fd]
-            if mask == old:
-                continue
-            pair.masks[fd] = mask
-            # Nothing wanted: leave the epoll set. A hung-up socket (both ways shut, bytes still
-            # queued behind a slow reader) would otherwise report EPOLLHUP on every turn.
-            if mask == 0:
-                self._epoll.unregister(fd)
-            elif old == 0:
-                self._epoll.register(fd, mask)
-            else:
-                self._epoll.modify(fd, mask)
+    def _rearm(self, d: _Direction, other: _Direction) -> None:
+        """Watch ``d.src`` for what is wanted now: IN while ``d`` may read, OUT while ``other``
+        (the opposite direction) has bytes for it. Nothing wanted: leave the epoll set. A hung-up socket (both
+        ways shut, bytes still queued behind a slow reader) would otherwise report EPOLLHUP on
+        every turn."""
+        mask = _IN if not d.eof and not d.pending else 0
+        if other.pending:
+            mask |= _OUT
+        old = d.mask
+        if mask == old:
+            return
+        d.mask = mask
+        if mask == 0:
+            self._epoll.unregister(d.src)
+        elif old == 0:
+            self._epoll.register(d.src, mask)
+        else:
+            self._epoll.modify(d.src, mask)
 
     def _end(self, pair: _Pair, error: tuple[str, BaseException] | None) -> None:
         """Stop watching the pair, return its pipes and tell the trio side."""
@@ -469,16 +477,17 @@ class SpliceEngine:
             return
         pair.closed = True
         pair.error = error
-        for fd in (pair.a, pair.b):
-            self._pairs.pop(fd, None)
-            self._gone.add(fd)
-            # a closing pair's sockets are closed in finish(), which takes them out of the set
-            if pair.masks[fd] and not (pair.closing and error is None):
+        # a closing pair's sockets are closed in finish(), which takes them out of the set
+        watched = not (pair.closing and error is None)
+        pairs, gone = self._pairs, self._gone
+        for d in (pair.ab, pair.ba):
+            pairs.pop(d.src, None)
+            gone.add(d.src)
+            if d.mask and watched:
                 try:
-                    self._epoll.unregister(fd)
+                    self._epoll.unregister(d.src)
                 except (OSError, ValueError):
                     pass
-        for d in (pair.ab, pair.ba):
             if d.pipe is not None:
                 if d.pending:                 # bytes stuck in it: not reusable
                     os.close(d.pipe[0])

@@ -118,6 +118,27 @@ async def test_a_policy_change_cuts_an_open_fast_path_connection(fast):
     assert rec.request_bytes == rec.response_bytes == 5
 
 
+async def test_each_snapshot_decides_anew_for_the_next_connection(fast):
+    # the fast path keeps plan and decision for one snapshot; a new one is decided on again
+    f, node1, _, _ = fast
+    with trio.fail_after(10):
+        for docs, allowed in ((BASE, True), (BASE + [DENY_WEB], False), (BASE, True)):
+            node1.publish(docs)
+            try:
+                s = await f.connect("client-1", (LOCAL_VIP, 80))
+            except OSError:
+                assert not allowed                           # reset before connect() returned
+            else:
+                if allowed:
+                    assert await round_trip(s) == b"hello"
+                    await s.aclose()
+                else:
+                    assert await closed_without_answer(s)
+            rec = await node1.sink.next()
+            assert rec.decision == ("allow" if allowed else "deny")
+    assert f.handed == []
+
+
 async def test_a_failed_local_connect_falls_back_and_another_endpoint_answers(fast):
     f, node1, _, seen = fast
     # web-8 is local too, but nothing listens there: the fast path's connect is refused, the

@@ -264,3 +264,52 @@ async def test_a_stale_event_of_an_ended_pair_does_not_touch_the_next_owner_of_i
         s.close()
     for fd in holds:
         os.close(fd)
+
+
+@pytest.mark.parametrize("fin", ["with the data", "later"])
+async def test_data_and_fin_in_one_segment_or_apart_give_exact_counts(engine, fin):
+    (app, a), (b, upstream) = await tcp_pair(), await tcp_pair()
+    counters = RelayCounters()
+    raw = upstream.socket
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: engine.relay(a, b, counters=counters))
+            await app.send_all(b"q" * 1000)
+            assert await upstream.receive_some(5000) == b"q" * 1000
+            if fin == "with the data":                      # corked: the FIN rides on the data
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                await raw.send(b"r" * 1024)
+                raw.shutdown(socket.SHUT_WR)
+            else:
+                await upstream.send_all(b"r" * 1024)
+                assert await app.receive_some(5000) == b"r" * 1024
+                await trio.sleep(0.05)
+                await upstream.send_eof()
+            got = await read_to_eof(app)
+            await app.send_eof()
+            assert await read_to_eof(upstream) == b""
+    assert got == (b"r" * 1024 if fin == "with the data" else b"")
+    assert (counters.a_to_b, counters.b_to_a) == (1000, 1024)
+    for s in (app, a, b, upstream):
+        await s.aclose()
+
+
+async def test_a_long_transfer_after_a_half_close_arrives_whole(engine):
+    (app, a), (b, upstream) = await tcp_pair(), await tcp_pair()
+    counters = RelayCounters()
+    payload = os.urandom(1 << 16) * 80                      # 5 MiB, more than any pipe holds
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: engine.relay(a, b, counters=counters))
+            await app.send_all(b"GET")
+            await app.send_eof()
+            assert await read_to_eof(upstream) == b"GET"
+
+            async def answer():
+                await upstream.send_all(payload)
+                await upstream.send_eof()
+            nursery.start_soon(answer)
+            assert await read_to_eof(app) == payload
+    assert (counters.a_to_b, counters.b_to_a) == (3, len(payload))
+    for s in (app, a, b, upstream):
+        await s.aclose()
