@@ -396,7 +396,10 @@ class SpliceEngine:
 
     def _pump(self, d: _Direction, pair: _Pair, fin: int = 0) -> bool:
         """Move what src has into the pipe, then on to dst; True if anything happened. ``fin``:
-        the peer has sent its FIN, so read on to the EOF now."""
+        the peer has sent its FIN, so read on to the EOF now. A short splice does not prove the
+        receive queue drained, even with the FIN in: the pipe also fills by its buffer slots
+        (one per skb fragment, e.g. 64 NIC segments of 1448 bytes), so EOF is only taken from
+        a splice that returns 0."""
         for _ in range(8):                    # bulk: a few bites per turn, then let others run
             if d.pipe is None:
                 d.pipe = self._pipes.pop() if self._pipes else self._new_pipe()
