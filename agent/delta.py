@@ -1,11 +1,12 @@
 """delta.py: new snapshot tables from old ones and a few changed objects, in time that follows
 the change, not the mesh (``update``).
 
-Pure: no I/O, no trio. Tables are copied with ``dict.copy`` (a memcpy while at most a third of
-a dict's slots are deleted ones; ``dict(d)`` re-inserts every key once ``d`` has any). The rule: ``update(Tables.build(R), C)`` equals ``Tables.build(R with C
-applied)``, field by field. Only the tables a change touches are copied (the rest are shared
-with the old tables, which never change), and only the services, endpoints and policy choices
-that a changed object can reach are recomputed. Whatever this module does not decide itself
+Pure: no I/O, no trio. Tables are ``PMap``s, edited through an ``Editor`` that copies only the
+shards it writes (``agent/pmap.py``), so no delta copies a whole 10^4-entry table. The rule:
+``update(Tables.build(R), C)`` equals ``Tables.build(R with C applied)``, field by field. Only
+the tables a change touches are edited (the rest are shared with the old tables, which never
+change), a set in an index is copied only when its members change, and only the services,
+endpoints and policy choices that a changed object can reach are recomputed. Whatever this module does not decide itself
 (any clash, an invalid identity, address or policy, a second Mesh, a new trust domain) raises
 ``NeedsColdBuild``: the caller then builds cold, which also names the error.
 """
@@ -14,9 +15,10 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Callable, Iterable, Mapping, TypeVar
 
-from agent.index import (KINDS, ROOT_NAMESPACE, Key, SnapshotError, Tables, add_service_addresses,
+from agent.index import (KINDS, ROOT_NAMESPACE, TABLES, Key, SnapshotError, Tables, add_service_addresses,
                          add_workload_addresses, choose_policies, compiled, members, resource_key,
                          set_endpoints)
+from agent.pmap import Editor, PMap, finish
 from controller.api import AuthorizationPolicy, Mesh, ObjectMeta, Resource, Service, Workload, canonical_ip
 
 R = TypeVar("R", Workload, Service, AuthorizationPolicy)
@@ -59,6 +61,8 @@ def update(old: Tables, changes: Mapping[Key, Resource | None]) -> Tables:
             _policies(old, t, ws, ps)
     except SnapshotError as e:
         raise NeedsColdBuild(str(e)) from e
+    for name in TABLES:
+        setattr(t, name, finish(getattr(t, name)))
     return t
 
 
@@ -96,8 +100,8 @@ def _sorted_update(items: tuple[R, ...], changes: Mapping[Key, R | None],
     return tuple(out)
 
 
-def _by_key(table: dict[Key, R], changes: Mapping[Key, R | None]) -> dict[Key, R]:
-    out = table.copy()
+def _by_key(table: PMap[Key, R], changes: Mapping[Key, R | None]) -> Editor[Key, R]:
+    out = table.edit()
     for key, r in changes.items():
         if r is None:
             out.pop(key, None)
@@ -110,9 +114,9 @@ def _addresses(old: Tables, t: Tables, ws: dict[Key, Workload | None], ss: dict[
     """Addresses, identities and vips: take the old objects out, put the new ones in, check
     every clash among them and against what stayed."""
     if ws:
-        t.by_ip, t.identity = old.by_ip.copy(), old.identity.copy()
+        t.by_ip, t.identity = old.by_ip.edit(), old.identity.edit()
     if ss:
-        t.by_vip_port, t.vips = old.by_vip_port.copy(), old.vips.copy()
+        t.by_vip_port, t.vips = old.by_vip_port.edit(), old.vips.edit()
     for key in ws:
         w = old.workload_by_key.get(key)
         if w is not None:
@@ -147,10 +151,10 @@ def _addresses(old: Tables, t: Tables, ws: dict[Key, Workload | None], ss: dict[
 
 
 class _CopyOnWrite:
-    """Edits of a dict of sets shared with old tables: each touched set is copied once."""
+    """Edits of a table of sets shared with old tables: each touched set is copied once."""
 
-    def __init__(self, table: dict) -> None:
-        self.table, self._copied = table.copy(), set()
+    def __init__(self, table: PMap) -> None:
+        self.table, self._copied = table.edit(), set()
 
     def add(self, k: object, v: Key) -> None:
         self._own(k).add(v)
@@ -170,19 +174,31 @@ class _CopyOnWrite:
 
 
 def _workload_indices(old: Tables, t: Tables, ws: dict[Key, Workload | None]) -> None:
-    t.workloads = _sorted_update(old.workloads, ws)
+    t.workloads = None   # Snapshot.workloads sorts them when asked
     t.local = _sorted_update(old.local, ws, keep=lambda w: w.spec.node == old.node)
     t.workload_by_key = _by_key(old.workload_by_key, ws)
     by_label, by_ns = _CopyOnWrite(old.by_label), _CopyOnWrite(old.by_ns)
-    for key, new in ws.items():
-        for w, edit in ((old.workload_by_key.get(key), "discard"), (new, "add")):
-            if w is None:
-                continue
-            ns = w.metadata.namespace
-            getattr(by_ns, edit)(ns, key)
-            for k, v in w.metadata.labels.items():
-                getattr(by_label, edit)((ns, k, v), key)
+    for key, new in ws.items():   # only what differs: a label kept is no edit (no set copied)
+        was = old.workload_by_key.get(key)
+        before, after = _label_keys(was), _label_keys(new)
+        for lk in before - after:
+            by_label.discard(lk, key)
+        for lk in after - before:
+            by_label.add(lk, key)
+        ns_was, ns_now = (None if w is None else w.metadata.namespace for w in (was, new))
+        if ns_was != ns_now:
+            if ns_was is not None:
+                by_ns.discard(ns_was, key)
+            if ns_now is not None:
+                by_ns.add(ns_now, key)
     t.by_label, t.by_ns = by_label.table, by_ns.table
+
+
+def _label_keys(w: Workload | None) -> set:
+    if w is None:
+        return set()
+    ns = w.metadata.namespace
+    return {(ns, k, v) for k, v in w.metadata.labels.items()}
 
 
 def _service_indices(old: Tables, t: Tables, ss: dict[Key, Service | None]) -> None:
@@ -190,10 +206,12 @@ def _service_indices(old: Tables, t: Tables, ss: dict[Key, Service | None]) -> N
     t.service_by_key = _by_key(old.service_by_key, ss)
     by_selector = _CopyOnWrite(old.by_selector)
     for key, new in ss.items():
-        for s, edit in ((old.service_by_key.get(key), "discard"), (new, "add")):
-            if s is not None:
-                for k, v in s.spec.selector.items():
-                    getattr(by_selector, edit)((s.metadata.namespace, k, v), key)
+        before, after = (set() if s is None else {(s.metadata.namespace, k, v) for k, v in s.spec.selector.items()}
+                         for s in (old.service_by_key.get(key), new))
+        for lk in before - after:
+            by_selector.discard(lk, key)
+        for lk in after - before:
+            by_selector.add(lk, key)
     t.by_selector = by_selector.table
 
 
@@ -207,7 +225,7 @@ def _endpoints(old: Tables, t: Tables, ws: dict[Key, Workload | None], ss: dict[
                 ns = w.metadata.namespace
                 for k, v in w.metadata.labels.items():
                     touched.update(t.by_selector.get((ns, k, v), ()))
-    t.endpoints, t.service_ids = old.endpoints.copy(), old.service_ids.copy()
+    t.endpoints, t.service_ids = old.endpoints.edit(), old.service_ids.edit()
     for key in sorted(touched):
         was = old.service_by_key.get(key)
         if was is not None:
@@ -232,7 +250,7 @@ def _policies(old: Tables, t: Tables, ws: dict[Key, Workload | None],
     if ps:
         t.policies = _sorted_update(old.policies, ps)
         t.policy_by_key = _by_key(old.policy_by_key, ps)
-        t.compiled = old.compiled.copy()
+        t.compiled = old.compiled.edit()
         namespaces = set()
         for key, new in ps.items():
             t.compiled.pop(key, None)
@@ -242,14 +260,14 @@ def _policies(old: Tables, t: Tables, ws: dict[Key, Workload | None],
             for p in (old.policy_by_key.get(key), new):
                 if p is not None:
                     touched.update(_selected_by(t, p))
-        t.policies_by_ns = old.policies_by_ns.copy()
+        t.policies_by_ns = old.policies_by_ns.edit()
         for ns in namespaces:
             mine = _sorted_update(old.policies_by_ns.get(ns, ()), {k: p for k, p in ps.items() if k[1] == ns})
             if mine:
                 t.policies_by_ns[ns] = mine
             else:
                 t.policies_by_ns.pop(ns, None)
-    t.policy_of = old.policy_of.copy()
+    t.policy_of = old.policy_of.edit()
     for key, w in ws.items():
         if w is None:
             t.policy_of.pop(key, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from agent.pmap import PMap
 from agent.policy import CompiledPolicy, PolicySet, compile_policy
 from controller.api import (ApiError, AuthorizationPolicy, Locality, Mesh, ObjectMeta, Resource, Service,
                             ServicePort, SpiffeId, Workload, canonical_ip, workload_spiffe_id)
@@ -59,7 +60,8 @@ def resource_key(r: Resource) -> Key:
 
 class Tables:
     """Every index of one snapshot. Read-only once built; an update makes new tables that share
-    the unchanged dicts and sets with these (so never mutate one in place)."""
+    the unchanged maps, shards and sets with these (so never mutate one in place). Each table
+    named in ``TABLES`` is a ``PMap`` (a plain dict while the cold build fills it)."""
 
     __slots__ = ("node", "mesh", "mesh_given", "workloads", "services", "policies", "local",
                  "workload_by_key", "service_by_key", "policy_by_key",
@@ -70,25 +72,25 @@ class Tables:
     node: str
     mesh: Mesh
     mesh_given: bool                                   # False: the default Mesh stands in
-    workloads: tuple[Workload, ...]                    # each sorted by key
+    workloads: tuple[Workload, ...] | None             # each sorted by key; None after an update
     services: tuple[Service, ...]
     policies: tuple[AuthorizationPolicy, ...]
     local: tuple[Workload, ...]                        # spec.node == node
-    workload_by_key: dict[Key, Workload]
-    service_by_key: dict[Key, Service]
-    policy_by_key: dict[Key, AuthorizationPolicy]
-    by_ip: dict[str, Workload]                         # canonical address -> owner
-    identity: dict[Key, SpiffeId]
-    by_vip_port: dict[tuple[str, int], tuple[Service, ServicePort]]
-    vips: dict[str, int]                               # canonical vip -> how many Services list it
-    by_label: dict[LabelKey, set[Key]]                 # workload keys; no empty sets
-    by_ns: dict[str, set[Key]]                         # workload keys per namespace
-    by_selector: dict[LabelKey, set[Key]]              # service keys whose selector has the label
-    endpoints: dict[tuple[Key, int], tuple[Endpoint, ...]]
-    service_ids: dict[Key, frozenset[SpiffeId]]
-    compiled: dict[Key, CompiledPolicy]
-    policies_by_ns: dict[str, tuple[AuthorizationPolicy, ...]]   # sorted by key; no empty tuples
-    policy_of: dict[Key, tuple[tuple[AuthorizationPolicy, ...], PolicySet]]   # selecting, compiled
+    workload_by_key: PMap[Key, Workload]
+    service_by_key: PMap[Key, Service]
+    policy_by_key: PMap[Key, AuthorizationPolicy]
+    by_ip: PMap[str, Workload]                         # canonical address -> owner
+    identity: PMap[Key, SpiffeId]
+    by_vip_port: PMap[tuple[str, int], tuple[Service, ServicePort]]
+    vips: PMap[str, int]                               # canonical vip -> how many Services list it
+    by_label: PMap[LabelKey, set[Key]]                 # workload keys; no empty sets
+    by_ns: PMap[str, set[Key]]                         # workload keys per namespace
+    by_selector: PMap[LabelKey, set[Key]]              # service keys whose selector has the label
+    endpoints: PMap[tuple[Key, int], tuple[Endpoint, ...]]
+    service_ids: PMap[Key, frozenset[SpiffeId]]
+    compiled: PMap[Key, CompiledPolicy]
+    policies_by_ns: PMap[str, tuple[AuthorizationPolicy, ...]]   # sorted by key; no empty tuples
+    policy_of: PMap[Key, tuple[tuple[AuthorizationPolicy, ...], PolicySet]]   # selecting, compiled
 
     def copy(self) -> Tables:
         """A shallow copy: the same dicts, to be replaced (not changed) by whoever updates it."""
@@ -100,7 +102,7 @@ class Tables:
     def resources(self) -> list[Resource]:
         """Every resource these tables were built from (the default Mesh only if it was given)."""
         head: list[Resource] = [self.mesh] if self.mesh_given else []
-        return head + list(self.workloads) + list(self.services) + list(self.policies)
+        return head + list(self.workload_by_key.values()) + list(self.services) + list(self.policies)
 
     # --- the cold build -----------------------------------------------------------------------
 
@@ -166,7 +168,7 @@ class Tables:
         t.compiled = {}
         for p in t.policies:
             t.compiled[p.key] = compiled(p)
-        by_ns: dict[str, list[AuthorizationPolicy]] = {}
+        by_ns: PMap[str, list[AuthorizationPolicy]] = {}
         for p in t.policies:
             by_ns.setdefault(p.metadata.namespace, []).append(p)
         t.policies_by_ns = {ns: tuple(ps) for ns, ps in by_ns.items()}
@@ -179,7 +181,12 @@ class Tables:
                 choose_policies(t, w, memo)
             else:
                 t.policy_of[w.key] = none
+        for name in TABLES:
+            setattr(t, name, PMap(getattr(t, name)))
         return t
+
+
+TABLES = tuple(name for name in Tables.__slots__ if Tables.__annotations__[name].startswith("PMap["))
 
 
 # --- steps shared by the cold build and the update (agent/delta.py) -----------------------------

@@ -10,12 +10,13 @@ once per policy version. Only ``StateHolder`` knows about trio; everything else 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Mapping
 
 import trio   # StateHolder only
 
 from agent.delta import NeedsColdBuild, update
-from agent.index import ROOT_NAMESPACE, Endpoint, Key, SnapshotError, Tables
+from agent.index import ROOT_NAMESPACE, Endpoint, Key, SnapshotError, Tables, resource_key
 from agent.policy import PolicySet
 from controller.api import (AuthorizationPolicy, Mesh, Resource, Service, ServicePort, SpiffeId, Workload,
                             workload_spiffe_id)
@@ -35,8 +36,7 @@ class Snapshot:
     version: int
     node: str
     mesh: Mesh
-    workloads: tuple[Workload, ...]                     # sorted by namespace/name
-    services: tuple[Service, ...]
+    services: tuple[Service, ...]                       # sorted by namespace/name
     policies: tuple[AuthorizationPolicy, ...]
     local_workloads: tuple[Workload, ...]               # spec.node == node
     _t: Tables = field(repr=False)
@@ -78,18 +78,34 @@ class Snapshot:
 
     @classmethod
     def _of(cls, t: Tables, version: int) -> Snapshot:
-        return cls(version=version, node=t.node, mesh=t.mesh, workloads=t.workloads, services=t.services,
-                   policies=t.policies, local_workloads=t.local, _t=t)
+        snap = cls(version=version, node=t.node, mesh=t.mesh, services=t.services, policies=t.policies,
+                   local_workloads=t.local, _t=t)
+        if t.workloads is not None:   # a cold build has them sorted already
+            snap.__dict__["workloads"] = t.workloads
+        return snap
+
+    @cached_property
+    def workloads(self) -> tuple[Workload, ...]:
+        """Every Workload, sorted by namespace/name. An update does not keep this tuple (copying
+        10^4 references per delta, and leaving them for the collector to walk, is its largest
+        cost), so it is sorted on first use; ``workload_count`` counts them without that."""
+        return tuple(sorted(self._t.workload_by_key.values(), key=resource_key))
+
+    def workload_count(self) -> int:
+        """How many Workloads (``len(self.workloads)``, without sorting them)."""
+        return len(self._t.workload_by_key)
 
     # --- lookups for the data path --------------------------------------------------------------
 
     def service_at(self, ip: str, port: int) -> tuple[Service, ServicePort] | None:
         """The Service and port whose vip:port is ``ip:port``, or None."""
-        return self._t.by_vip_port.get((ip, port))
+        m, k = self._t.by_vip_port, (ip, port)   # PMap.get, inlined: once per connection
+        return m.shards[hash(k) & m.mask].get(k)
 
     def workload_at(self, ip: str) -> Workload | None:
         """The Workload that owns address ``ip``, or None."""
-        return self._t.by_ip.get(ip)
+        m = self._t.by_ip
+        return m.shards[hash(ip) & m.mask].get(ip)
 
     def workload(self, namespace: str, name: str) -> Workload | None:
         """The Workload ``namespace/name``, or None."""
@@ -97,7 +113,8 @@ class Snapshot:
 
     def endpoints(self, service: Service, service_port: ServicePort) -> tuple[Endpoint, ...]:
         """The endpoints behind ``service_port`` of ``service``, ordered by workload namespace/name."""
-        return self._t.endpoints.get((service.key, service_port.port), ())
+        m, k = self._t.endpoints, (service.key, service_port.port)
+        return m.shards[hash(k) & m.mask].get(k, ())
 
     def service_identities(self, service: Service) -> frozenset[SpiffeId]:
         """Every SPIFFE ID an endpoint of ``service`` may present (empty if it has none)."""
@@ -105,7 +122,8 @@ class Snapshot:
 
     def identity_of(self, workload: Workload) -> SpiffeId:
         """``workload``'s SPIFFE ID in this mesh's trust domain (computed if not in the snapshot)."""
-        ident = self._t.identity.get(workload.key)
+        m, k = self._t.identity, workload.key
+        ident = m.shards[hash(k) & m.mask].get(k)
         return ident if ident is not None else workload_spiffe_id(self.mesh.spec.trust_domain, workload)
 
     def policies_for(self, workload: Workload) -> tuple[AuthorizationPolicy, ...]:
@@ -117,7 +135,8 @@ class Snapshot:
     def policy_set(self, workload: Workload) -> PolicySet | None:
         """The compiled form of ``policies_for``, split by action; None for a workload not in the
         snapshot (``policy.authorize`` denies those)."""
-        row = self._t.policy_of.get(workload.key)
+        m, k = self._t.policy_of, workload.key
+        row = m.shards[hash(k) & m.mask].get(k)
         return row[1] if row is not None else None
 
 

@@ -175,7 +175,11 @@ class SnapshotFile:
     """The last good objects on disk, written atomically (temp file, fsync, rename).
 
     Keeps each object's JSON text by identity (the watch replaces an object, never edits it),
-    so a write after a delta serialises only the objects that changed.
+    so a write after a delta serialises only the objects that changed. The cache is edited in
+    place, not rebuilt per write: a fresh 10^4-entry dict each time would be a young container
+    for the cyclic collector to walk (milliseconds, in whichever thread it strikes: a delta's
+    tail). Entries of objects gone are dropped once they are an eighth of the cache; until then
+    they keep their object alive, so its id is never reused for another one.
     """
 
     def __init__(self, path: Path) -> None:
@@ -184,15 +188,15 @@ class SnapshotFile:
 
     def write(self, version: int, items: list[dict]) -> None:
         """Write ``items`` at ``version``; ``items`` must not change meanwhile (pass a copy)."""
-        old, new = self._json, {}
+        cache, dumps = self._json, json.dumps
         parts = []
         for obj in items:
-            hit = old.get(id(obj))
+            hit = cache.get(id(obj))
             if hit is None or hit[0] is not obj:
-                hit = (obj, json.dumps(obj, separators=(",", ":")))
-            new[id(obj)] = hit
+                hit = cache[id(obj)] = (obj, dumps(obj, separators=(",", ":")))
             parts.append(hit[1])
-        self._json = new
+        if len(cache) > len(items) + max(64, len(items) // 8):
+            self._json = {id(obj): cache[id(obj)] for obj in items}
         body = f'{{"version":{int(version)},"items":[{",".join(parts)}]}}'
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_private(self.path, body.encode())
@@ -307,7 +311,7 @@ async def _rebuild(decoder: Decoder, res: Resources, holder: StateHolder, saver:
         holder.publish(snap)
         saver.offer(res)
         log.info("serving version %d (%d workloads, %d services, %d policies)", res.version,
-                 len(snap.workloads), len(snap.services), len(snap.policies))
+                 snap.workload_count(), len(snap.services), len(snap.policies))
     if report is not None:
         try:
             await report(status)

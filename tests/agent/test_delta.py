@@ -86,7 +86,7 @@ def random_change(rng: random.Random, current: dict) -> tuple:
 
 def tables(t: Tables) -> dict:
     """Every table in comparable form (compiled policies compared by the policy they compile)."""
-    out = {name: getattr(t, name) for name in Tables.__slots__}
+    out = {name: getattr(t, name) for name in Tables.__slots__ if name != "workloads"}   # None after an update:
     out["compiled"] = {k: c.policy for k, c in t.compiled.items()}
     out["policy_of"] = {k: (chosen, tuple(tuple(c.policy for c in part) for part in (ps.deny, ps.allow, ps.audit)))
                         for k, (chosen, ps) in t.policy_of.items()}
@@ -95,7 +95,8 @@ def tables(t: Tables) -> dict:
 
 def check_same(a: Snapshot, b: Snapshot) -> None:
     for name in ("version", "node", "mesh", "workloads", "services", "policies", "local_workloads"):
-        assert getattr(a, name) == getattr(b, name), name
+        assert getattr(a, name) == getattr(b, name), name   # (Snapshot.workloads sorts them then)
+    assert a.workload_count() == b.workload_count() == len(a.workloads)
     ta, tb = tables(a._t), tables(b._t)
     for name in ta:
         assert ta[name] == tb[name], name
