@@ -10,6 +10,7 @@ of the same resources gives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Iterable
 
 from agent.pmap import PMap
@@ -130,8 +131,7 @@ class Tables:
         for k, r in seen.items():
             by_kind[k[0]][k] = r
         t.workload_by_key, t.service_by_key, t.policy_by_key = (
-            {k: m[k] for k in sorted(m)} for m in (by_kind["Workload"], by_kind["Service"],
-                                                   by_kind["AuthorizationPolicy"]))
+            _in_key_order(m) for m in (by_kind["Workload"], by_kind["Service"], by_kind["AuthorizationPolicy"]))
         t.workloads = tuple(t.workload_by_key.values())
         t.services = tuple(t.service_by_key.values())
         t.policies = tuple(t.policy_by_key.values())
@@ -187,6 +187,18 @@ class Tables:
 
 
 TABLES = tuple(name for name in Tables.__slots__ if Tables.__annotations__[name].startswith("PMap["))
+
+
+def _in_key_order(m: dict[Key, Resource]) -> dict[Key, Resource]:
+    """``m`` (keys of one kind) sorted by key: by namespace, then by name. The same order as
+    ``sorted(m)``, with string comparisons only (sorting 10^4 key tuples costs twice as much)."""
+    groups: dict[str, list[Key]] = {}
+    for k in m:
+        if (g := groups.get(k[1])) is None:
+            g = groups[k[1]] = []
+        g.append(k)
+    name = itemgetter(2)
+    return {k: m[k] for ns in sorted(groups) for k in sorted(groups[ns], key=name)}
 
 
 # --- steps shared by the cold build and the update (agent/delta.py) -----------------------------
