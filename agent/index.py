@@ -94,7 +94,7 @@ class Tables:
     policy_of: PMap[Key, tuple[tuple[AuthorizationPolicy, ...], PolicySet]]   # selecting, compiled
 
     def copy(self) -> Tables:
-        """A shallow copy: the same dicts, to be replaced (not changed) by whoever updates it."""
+        """A shallow copy: the same tables, to be replaced (not changed) by whoever updates it."""
         t = Tables.__new__(Tables)
         for name in Tables.__slots__:
             setattr(t, name, getattr(self, name))
@@ -168,7 +168,7 @@ class Tables:
         t.compiled = {}
         for p in t.policies:
             t.compiled[p.key] = compiled(p)
-        by_ns: PMap[str, list[AuthorizationPolicy]] = {}
+        by_ns: dict[str, list[AuthorizationPolicy]] = {}
         for p in t.policies:
             by_ns.setdefault(p.metadata.namespace, []).append(p)
         t.policies_by_ns = {ns: tuple(ps) for ns, ps in by_ns.items()}

@@ -31,7 +31,29 @@ def _shard(items: Mapping, bits: int) -> tuple[dict, ...]:
     return tuple(shards)
 
 
-class PMap(Generic[K, V]):
+class _Reads(Generic[K, V]):
+    """The lookups a PMap and its Editor share: ``shards`` (a sequence of dicts) and ``mask``."""
+
+    __slots__ = ()
+
+    shards: "tuple[dict, ...] | list[dict]"
+    mask: int
+
+    def get(self, k: K, default: V | None = None) -> V | None:
+        return self.shards[hash(k) & self.mask].get(k, default)
+
+    def __getitem__(self, k: K) -> V:
+        return self.shards[hash(k) & self.mask][k]
+
+    def __contains__(self, k: object) -> bool:
+        return k in self.shards[hash(k) & self.mask]
+
+    def __iter__(self) -> Iterator[K]:
+        for s in self.shards:
+            yield from s
+
+
+class PMap(_Reads[K, V]):
     """An immutable mapping (the read half of ``dict``'s interface); equal to another PMap or
     dict holding the same items, whatever their sharding and order."""
 
@@ -53,24 +75,11 @@ class PMap(Generic[K, V]):
         m._set(shards, n)
         return m
 
-    def get(self, k: K, default: V | None = None) -> V | None:
-        return self.shards[hash(k) & self.mask].get(k, default)
-
-    def __getitem__(self, k: K) -> V:
-        return self.shards[hash(k) & self.mask][k]
-
-    def __contains__(self, k: object) -> bool:
-        return k in self.shards[hash(k) & self.mask]
-
     def __len__(self) -> int:
         return self._len
 
     def __bool__(self) -> bool:
         return self._len > 0
-
-    def __iter__(self) -> Iterator[K]:
-        for s in self.shards:
-            yield from s
 
     def keys(self) -> Iterator[K]:
         return iter(self)
@@ -99,39 +108,27 @@ class PMap(Generic[K, V]):
         return Editor(self)
 
 
-class Editor(Generic[K, V]):
+class Editor(_Reads[K, V]):
     """The next version of a PMap, being written: the ``dict`` operations the tables use. Each
     shard is copied on its first write; ``finish`` returns the new PMap (re-sharded when the
     size has drifted far from what the shard count suits)."""
 
-    __slots__ = ("_shards", "_owned", "_mask", "_len")
+    __slots__ = ("shards", "_owned", "mask", "_len")
 
     def __init__(self, base: PMap[K, V]) -> None:
-        self._shards, self._owned = list(base.shards), set()
-        self._mask, self._len = base.mask, len(base)
+        self.shards: list[dict] = list(base.shards)
+        self._owned: set[int] = set()
+        self.mask, self._len = base.mask, len(base)
 
     def _write(self, k: K) -> dict:
-        i = hash(k) & self._mask
+        i = hash(k) & self.mask
         if i not in self._owned:
-            self._shards[i] = self._shards[i].copy()
+            self.shards[i] = self.shards[i].copy()
             self._owned.add(i)
-        return self._shards[i]
-
-    def get(self, k: K, default: V | None = None) -> V | None:
-        return self._shards[hash(k) & self._mask].get(k, default)
-
-    def __getitem__(self, k: K) -> V:
-        return self._shards[hash(k) & self._mask][k]
-
-    def __contains__(self, k: object) -> bool:
-        return k in self._shards[hash(k) & self._mask]
+        return self.shards[i]
 
     def __len__(self) -> int:
         return self._len
-
-    def __iter__(self) -> Iterator[K]:
-        for s in self._shards:
-            yield from s
 
     def __setitem__(self, k: K, v: V) -> None:
         s = self._write(k)
@@ -153,10 +150,10 @@ class Editor(Generic[K, V]):
 
     def finish(self) -> PMap[K, V]:
         """The edited map. The editor must not be used afterwards."""
-        if abs(_bits(self._len) - (len(self._shards).bit_length() - 1)) > 1:
-            merged = {k: v for s in self._shards for k, v in s.items()}
+        if abs(_bits(self._len) - (len(self.shards).bit_length() - 1)) > 1:
+            merged = {k: v for s in self.shards for k, v in s.items()}
             return PMap(merged)
-        return PMap._of(tuple(self._shards), self._len)
+        return PMap._of(tuple(self.shards), self._len)
 
 
 def finish(t: object) -> object:
