@@ -19,26 +19,31 @@ from pathlib import Path
 
 import trio
 
-from agent import bootstrap
-from agent.controlplane import ControlPlane, ControlPlaneError
+from agent.base.constants import INBOUND_PLAIN_PORT
+from agent.base.netns import connect_in
+from agent.decide.balancer import Stats
+from agent.decide.connection import OutboundDecider
 from agent.identity import IdentityError, IdentityManager, SignResult
 from agent.identity.store import StateDir
+from agent.observe import doctor
 from agent.observe.accesslog import AccessLog
 from agent.observe.admin import admin_routes, metrics_routes, ready_routes
 from agent.observe.httpd import serve_http
 from agent.observe.metrics import AgentMetrics
 from agent.observe.telemetry import Telemetry
 from agent.proxy.connections import Registry
-from agent.proxy.inbound import Delivery, Inbound
+from agent.proxy.delivery import Delivery
 from agent.proxy.fastpath import FastPath
-from agent.proxy.splice import SpliceEngine
+from agent.proxy.inbound import Inbound
 from agent.proxy.listeners import Handlers, Listeners
 from agent.proxy.outbound import Outbound, Pools
-from agent.redirect.netns import connect_in
+from agent.proxy.splice import SpliceEngine
 from agent.redirect import select
-from agent.redirect.base import INBOUND_PLAIN_PORT, RedirectError, Redirector
-from agent.state import Snapshot, StateHolder
-from agent.sync import SyncStatus, run_sync
+from agent.redirect.base import RedirectError, Redirector
+from agent.state.snapshot import Snapshot, StateHolder
+from agent.sync import join
+from agent.sync.client import ControlPlane, ControlPlaneError
+from agent.sync.follow import SyncStatus, run_sync
 from controller.api import to_dict
 
 log = logging.getLogger("nodemesh.agent")
@@ -77,7 +82,7 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
     bundle = _initial_bundle(cfg, identities)
     cp = ControlPlane(cfg.controller, bundle_pem=bundle)
     now = dt.datetime.now(dt.timezone.utc)
-    node_uri, creds, bundle = await bootstrap.join(cp, identities, node=cfg.node, token_file=cfg.token_file, now=now)
+    node_uri, creds, bundle = await join.join(cp, identities, node=cfg.node, token_file=cfg.token_file, now=now)
     await cp.update(bundle_pem=bundle, credentials=creds)
 
     async def signer(uri: str, csr: bytes) -> SignResult:
@@ -100,8 +105,8 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
 
     async with trio.open_nursery() as nursery:
         pools = Pools(delivery, nursery)
-        outbound = Outbound(delivery, identity, pools, redirector.original_destination, cfg.node,
-                            passthrough=cfg.passthrough, rng=rng)
+        decider = OutboundDecider(passthrough=cfg.passthrough, stats=Stats(), rng=rng)
+        outbound = Outbound(delivery, identity, pools, redirector.original_destination, cfg.node, decider)
         fast = FastPath(outbound, engine, redirector.original_destination_sync,
                         lambda w, stream, dst, picked: listeners.hand_over(
                             w, partial(outbound.handle, dst=dst, picked=picked), stream))
@@ -136,7 +141,8 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 (cfg.admin, {**admin_routes(config_dump=lambda: _config_dump(holder, status),
                                             certs=lambda: _certs(identity),
                                             workloads=lambda: _workloads(holder, listeners)),
-                             "/redirect": partial(_redirect_report, redirector, holder)}),
+                             "/redirect": partial(_redirect_report, redirector, holder),
+                             "/check": partial(_check_report, redirector, holder, listeners)}),
                 (cfg.metrics, metrics_routes(metrics)),
                 (cfg.ready, ready_routes(ready))):
             await nursery.start(partial(serve_http, routes, host, port))
@@ -166,10 +172,10 @@ def _initial_bundle(cfg: AgentConfig, identities: StateDir) -> bytes:
         try:
             return cfg.ca_file.read_bytes()
         except OSError as e:
-            raise bootstrap.JoinError(f"cannot read --ca {cfg.ca_file}: {e}") from None
+            raise join.JoinError(f"cannot read --ca {cfg.ca_file}: {e}") from None
     saved = identities.load_bundle()
     if saved is None:
-        raise bootstrap.JoinError(f"no trust bundle: pass --ca FILE (the controller's ca/bundle.crt) "
+        raise join.JoinError(f"no trust bundle: pass --ca FILE (the controller's ca/bundle.crt) "
                                   f"for the first start; later starts use {identities.path}")
     return saved
 
@@ -288,10 +294,24 @@ async def _stop_on_signal(scope: trio.CancelScope, redirector: Redirector) -> No
             return
 
 
-async def _redirect_report(redirector: Redirector, holder: StateHolder):
-    """/redirect on the admin port: the mode and each local workload's hooks (for nodemesh check)."""
+async def _redirect_findings(redirector: Redirector, holder: StateHolder) -> list[tuple[str, str]]:
     findings = []
     for w in holder.current.local_workloads:
         found = await trio.to_thread.run_sync(redirector.check, w)
-        findings += [{"level": f.level, "message": f.message} for f in found]
+        findings += [(f.level, f.message) for f in found]
+    return findings
+
+
+async def _redirect_report(redirector: Redirector, holder: StateHolder):
+    """/redirect on the admin port: the mode and each local workload's hooks."""
+    findings = [{"level": lvl, "message": m} for lvl, m in await _redirect_findings(redirector, holder)]
     return 200, "application/json", json.dumps({"mode": redirector.mode, "findings": findings}).encode()
+
+
+async def _check_report(redirector: Redirector, holder: StateHolder, listeners: Listeners):
+    """/check on the admin port: the node half of ``nodemesh check`` (kernel, redirect mode,
+    listeners and hooks of each workload), as ``{"findings": [{"level", "message"}, ...]}``."""
+    found = doctor.node_findings(redirector.mode, _workloads(holder, listeners),
+                                 await _redirect_findings(redirector, holder))
+    body = {"findings": [{"level": lvl, "message": m} for lvl, m in found]}
+    return 200, "application/json", json.dumps(body).encode()

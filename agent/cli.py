@@ -1,4 +1,4 @@
-"""cli.py: ``nodemesh agent run`` — a thin click shell over agent/app.py."""
+"""cli.py: ``nodemesh agent run|check`` — thin click shells over agent/app.py and the doctor."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,9 @@ from pathlib import Path
 import click
 import trio
 
-from agent import app, bootstrap
-from agent.controlplane import ControlPlaneError
+from agent import app
+from agent.sync import join
+from agent.sync.client import ControlPlaneError
 from agent.redirect.base import RedirectError
 
 
@@ -72,7 +73,22 @@ def run(node, controller, token_file, ca_file, state_dir, admin, metrics, ready,
     _one_malloc_arena()
     try:
         trio.run(app.run, cfg)
-    except bootstrap.JoinError as e:
+    except join.JoinError as e:
         raise click.ClickException(str(e)) from None
     except (ControlPlaneError, RedirectError) as e:
         raise click.ClickException(f"cannot start: {e}") from None
+
+
+@agent.command()
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")
+def check(strict):
+    """Preflight this machine for the agent: cgroup v2, bpffs, kernel headers for bcc, iptables.
+    Works without a running agent; `nodemesh check --node` adds what a running agent serves.
+    Exit 1 on failure."""
+    from agent.observe.doctor import kernel_findings
+    found = kernel_findings()
+    for level, message in found:
+        click.echo(f"{level:<4}  {message}")
+    levels = {lvl for lvl, _ in found}
+    if "FAIL" in levels or (strict and "WARN" in levels):
+        raise SystemExit(1)

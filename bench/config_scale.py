@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.state import Snapshot
-from agent.sync import Decoder, Resources, SnapshotFile
+from agent.state.snapshot import Snapshot
+from agent.sync.follow import Decoder, Resources, SnapshotFile
 
 
 def rss_kb() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import load
 from bench.procs import CpuMeter, Supervisor
-from bench.topo import (BUF, CLIENT_IP, ENVOY, HTTP_PORT, POD_IP, VIP, PodNetns, sh, wait_tcp)
+from bench.topo import BUF, CLIENT_IP, ENVOY, HTTP_PORT, POD_IP, VIP, PodNetns, sh, wait_tcp
 
 B_TARGETS = ("direct", "nodemesh", "haproxy", "envoy")
 B_RATE, B_SECONDS = 1000.0, 3.0
@@ -75,6 +75,7 @@ def profile_b(sup: Supervisor, client: PodNetns, pid: int, raw: Path, seconds: f
     """py-spy on one agent during an extra (b) latency run through the mesh (not counted)."""
     import subprocess
     import time
+
     from bench.profile import summarize
     from bench.scenarios import PY_SPY
     spy = subprocess.Popen([PY_SPY, "record", "-p", str(pid), "-d", f"{seconds + 1:g}", "-r", "200",

@@ -5,7 +5,7 @@ The proxy calls ``opened(rec)`` once a connection is set up (destination decided
 and ``closed(rec)`` in its ``finally`` (see agent/proxy/inbound.py), each counted with the
 labels known at that moment, as Istio does. A connection refused before it was set up (denied,
 no route) is counted as opened and closed at close. ``rec`` is read by
-attribute only (agent/proxy/plan.py ``ConnRecord``), so this module imports nothing of the
+attribute only (agent/observe/record.py ``ConnRecord``), so this module imports nothing of the
 proxy. Never raises: a failure is logged and that connection's report is dropped.
 """
 from __future__ import annotations

@@ -15,8 +15,8 @@ from typing import Iterator
 
 import trio
 
-from agent.policy import Deny, Facts, authorize
-from agent.state import StateHolder
+from agent.decide.authorize import Deny, Facts, authorize
+from agent.state.snapshot import StateHolder
 from controller.api import SpiffeId
 
 log = logging.getLogger("nodemesh.agent.connections")

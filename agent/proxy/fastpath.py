@@ -6,8 +6,9 @@ Only the common case is taken here: the chosen endpoint is on this node, policy 
 it answers. Anything else — a remote endpoint (HBONE), passthrough, no route, a failed or slow
 connect — is handed with its original destination to the trio handler (``Outbound.handle``),
 which does it the general way (retries on other endpoints, HBONE, error reports). The decisions
-are the pure functions outbound.py calls, on the snapshot read once at accept; telemetry runs on
-the trio thread, posted in batches; the connection is in the live registry like any other.
+are the outbound handler's own (its ``OutboundDecider``: plan, pick, authorize, memoised per
+snapshot), on the snapshot read once at accept; telemetry runs on the trio thread, posted in
+batches; the connection is in the live registry like any other.
 """
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ from typing import Callable
 
 import trio
 
-from agent.balancer import NoEndpoint, pick
+from agent.base.constants import PROXY_MARK
+from agent.base.netns import open_home, sockets_in
+from agent.decide.plan import NoRoute, Upstream
+from agent.observe.record import ConnRecord
 from agent.proxy.connections import Live
-from agent.proxy.inbound import Denied
+from agent.proxy.delivery import Denied
 from agent.proxy.outbound import Outbound, Picked
-from agent.proxy.plan import ConnRecord, Upstream, plan_outbound
-from agent.proxy.relay import PROXY_MARK, RelayCounters
+from agent.proxy.relay import RelayCounters
 from agent.proxy.splice import SpliceEngine
-from agent.redirect.netns import open_home, sockets_in
 from controller.api import Workload
 
 log = logging.getLogger("nodemesh.agent.fastpath")
@@ -37,7 +39,6 @@ REPORT_DELAY = 0.05      # seconds a metric or access-log line may wait (Envoy f
 READY_BATCH = 8          # upstream sockets made per visit to a destination's netns
 READY_TTL = 10.0         # seconds; then the ready ones are dropped (a pod may have gone)
 HandOver = Callable[[Workload, trio.SocketStream, "tuple[str, int] | None", "Picked | None"], None]
-MEMO_SIZE = 4096         # plans (and decisions) kept per snapshot; then they are made anew
 _RESET = struct.pack("ii", 1, 0)
 
 
@@ -95,9 +96,6 @@ class FastPath:
         self._home: int | None = None                   # the engine thread's own netns (fd)
         self._ready: dict[tuple[str | None, int], list[socket.socket]] = {}   # engine thread
         self._clock: trio.abc.Clock | None = None
-        self._memo_snap = None                          # engine thread: what the memos hold for
-        self._plans: dict = {}        # (id(src), ip, port, passthrough) -> (src, plan, src's identity)
-        self._decisions: dict = {}    # (id(src), id(endpoint)) -> (src, endpoint, Allow | Deny)
 
     # --- trio thread --------------------------------------------------------------------------
 
@@ -161,53 +159,36 @@ class FastPath:
 
     def _start(self, workload: Workload, conn: socket.socket) -> None:
         out = self.outbound
-        delivery = out.delivery
+        delivery, decider = out.delivery, out.decider
         snap = delivery.holder.current
-        if snap is not self._memo_snap:
-            self._memo_snap, self._plans, self._decisions = snap, {}, {}
-        src = snap.workload(workload.metadata.namespace, workload.metadata.name) or workload
         try:
             dst = self._orig_dst(conn)
         except OSError:
             self._decline(workload, conn, None)         # the trio handler reports it
             return
         ip, port = dst
-        # plan_outbound and authorize are pure: their answers hold for the whole snapshot
-        key = (id(src), ip, port, out.passthrough)
-        memo = self._plans.get(key)
-        if memo is None or memo[0] is not src:
-            if len(self._plans) >= MEMO_SIZE:
-                self._plans.clear()
-            memo = self._plans[key] = (src, plan_outbound(snap, src, ip, port, passthrough=out.passthrough),
-                                       snap.identity_of(src))
-        _, plan, src_id = memo
-        if not isinstance(plan, Upstream):
-            self._decline(workload, conn, dst)
-            return
-        now = self._clock.current_time()
         try:
-            ep = pick(plan.endpoints, algorithm=plan.algorithm, stats=out.stats, rng=out.rng,
-                      locality=src.spec.locality, locality_failover=plan.locality_failover,
-                      now=now, service=plan.name)
-        except NoEndpoint:
-            self._decline(workload, conn, dst)
+            planned = decider.plan(snap, workload, ip, port)
+            plan = planned.plan
+            if not isinstance(plan, Upstream):
+                self._decline(workload, conn, dst)
+                return
+            now = self._clock.current_time()
+            ep = decider.pick(planned, now=now)
+        except NoRoute:
+            self._decline(workload, conn, dst)          # the trio handler decides it again and reports
             return
         if ep.node != out.node:
             self._decline(workload, conn, dst, Picked(ep))
             return
+        src, src_id = planned.source, planned.source_identity
         src_ip = src.spec.addresses[0]
         rec = ConnRecord("source", src_ip, src_workload=src, src_identity=src_id.uri,
                          dst_address=f"{ip}:{port}", dst_service=plan.service,
                          dst_workload=ep.workload, dst_identity=ep.identity.uri)
-        key = (id(src), id(ep))
-        decided = self._decisions.get(key)
-        if decided is None or decided[0] is not src or decided[1] is not ep:
-            if len(self._decisions) >= MEMO_SIZE:
-                self._decisions.clear()
-            decided = self._decisions[key] = (src, ep, delivery.authorization(
-                snap, ep.workload, ep.port, src_id, src_ip))
         try:
-            delivery.decide(snap, ep.workload, ep.port, src_id, src_ip, rec, decided[2])
+            delivery.decide(snap, ep.workload, ep.port, src_id, src_ip, rec,
+                            decider.authorization(snap, planned, ep))
         except Denied:
             _reset(conn)
             rec.end = time.monotonic()

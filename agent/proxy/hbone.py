@@ -20,6 +20,7 @@ from agent.proxy.h2conn import (
     NO_ERROR, ConnectionLost, H2Conn, HboneError, HboneStream, Headers,
     LocalProtocolError, ProtocolError, RemoteProtocolError, StreamReset,
 )
+from agent.base.constants import INBOUND_HBONE_PORT
 from agent.identity import PeerIdentityError
 from agent.identity import peer_identity as read_peer_identity
 from agent.proxy.tlsio import TlsTransport
@@ -34,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-HBONE_PORT = 15008
+HBONE_PORT = INBOUND_HBONE_PORT
 ALPN = "h2"
 SERVER_MAX_STREAMS = 1000
 

@@ -1,124 +1,27 @@
-"""inbound.py: connections into a local workload — HBONE on 15008, plaintext on 15006 — and
-the delivery step the same-node fast path shares with them.
+"""inbound.py: connections into a local workload — HBONE on 15008, plaintext on 15006.
 
-Decide, then do: ``authorize`` (agent/policy.py) decides on the snapshot read once at accept;
-only then is the workload dialled, from inside its own netns. Every delivered connection is
-tracked in the registry, so a later policy change can close it. A denied HBONE stream gets
+Decide, then do: the destination's policy decides on the snapshot read once at accept; only
+then is the workload dialled from inside its own netns (``Delivery``, agent/proxy/delivery.py).
+Every delivered connection is tracked in the registry, so a later policy change can close it. A denied HBONE stream gets
 403 and a denied plaintext connection a TCP reset; both are logged with policy and rule.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import trio
 
 from agent.identity import IdentityError, IdentityManager
-from agent.policy import Allow, Deny, Facts, authorize
+from agent.observe.record import ConnRecord
 from agent.proxy import ProxyError
-from agent.proxy.connections import Live, Registry
+from agent.proxy.delivery import Delivery, Denied, OrigDst
 from agent.proxy.hbone import ConnectRequest, HboneError, serve_hbone
-from agent.proxy.plan import ConnRecord
-from agent.proxy.relay import RelayCounters, RelayError, abort, relay
-from agent.proxy.splice import SpliceEngine
-from agent.state import Snapshot, StateHolder
-from controller.api import InvalidSpiffeId, SpiffeId, Workload, parse_spiffe_id
+from agent.proxy.relay import RelayError, abort
+from agent.state.snapshot import StateHolder
+from controller.api import InvalidSpiffeId, Workload, parse_spiffe_id
 
 log = logging.getLogger("nodemesh.agent.inbound")
-
-ConnectIn = Callable[..., Awaitable[trio.SocketStream]]      # (netns, host, port, *, timeout)
-OrigDst = Callable[[Workload, trio.SocketStream], Awaitable[tuple[str, int]]]
-
-
-class Denied(ProxyError):
-    def __init__(self, decision: Deny) -> None:
-        super().__init__(f"denied by {decision.policy or 'policy'} rule {decision.rule}: {decision.reason}")
-        self.decision = decision
-
-
-@dataclass
-class Delivery:
-    """Authorize a connection for a local workload, dial it inside its netns, relay, track."""
-
-    holder: StateHolder
-    registry: Registry
-    telemetry: object                  # .opened(rec) / .closed(rec) / .report(batch); agent/observe
-    connect_in: ConnectIn
-    connect_timeout: float = 5.0
-    engine: SpliceEngine | None = None   # socket-to-socket relays; None: all through relay.relay
-
-    async def relay(self, a: trio.abc.Stream, b: trio.abc.Stream, counters: RelayCounters) -> None:
-        """Relay ``a`` <-> ``b``: two TCP sockets through the splice engine (the kernel copies,
-        no trio turn per message), anything else (an HBONE stream) through ``relay.relay``."""
-        if (self.engine is not None and isinstance(a, trio.SocketStream)
-                and isinstance(b, trio.SocketStream)):
-            await self.engine.relay(a, b, counters=counters)
-        else:
-            await relay(a, b, counters=counters)
-
-    @staticmethod
-    def authorization(snap: Snapshot, workload: Workload, port: int, source: SpiffeId | None,
-                      source_ip: str) -> Allow | Deny:
-        """``authorize`` on these facts: pure, so a caller may keep it for ``snap`` (the fast path
-        does) and hand it to ``decide``."""
-        return authorize(snap, Facts(destination=workload, port=port, source_identity=source,
-                                     source_ip=source_ip))
-
-    def decide(self, snap: Snapshot, workload: Workload, port: int, source: SpiffeId | None,
-               source_ip: str, rec: ConnRecord, decision: Allow | Deny | None = None) -> Allow:
-        """Authorize, recording the decision in ``rec``; raise Denied. ``decision``: what
-        ``authorization`` said on these same arguments, if the caller has it already."""
-        if decision is None:
-            decision = self.authorization(snap, workload, port, source, source_ip)
-        if isinstance(decision, Deny):
-            rec.decision, rec.policy, rec.rule, rec.reason, rec.flags = \
-                "deny", decision.policy, decision.rule, decision.reason, "DENY"
-            log.info("denied %s (%s) -> %s/%s:%d by %s rule %s: %s", source_ip,
-                     source.uri if source else "plaintext", workload.metadata.namespace,
-                     workload.metadata.name, port, decision.policy, decision.rule, decision.reason)
-            raise Denied(decision)
-        if decision.matched is not None:
-            rec.policy, rec.rule = decision.matched.policy, decision.matched.rule
-        rec.reason = decision.reason
-        return decision
-
-    async def dial(self, workload: Workload, port: int, rec: ConnRecord) -> trio.SocketStream:
-        """Dial a local workload's port from inside its own netns (its first address)."""
-        return await self.dial_address(workload, workload.spec.addresses[0], port, rec)
-
-    async def dial_address(self, where: Workload, ip: str, port: int, rec: ConnRecord) -> trio.SocketStream:
-        """Dial ``ip:port`` from ``where``'s netns (the destination's for delivery, the source's for
-        passthrough); a failure is recorded in ``rec`` (flag UF) and re-raised."""
-        rec.dst_address = f"{ip}:{port}"
-        try:
-            with trio.fail_after(self.connect_timeout):
-                return await self.connect_in(where.spec.netns or None, ip, port, timeout=self.connect_timeout)
-        except (OSError, trio.TooSlowError, ProxyError) as e:
-            rec.flags, rec.error = "UF", f"connect to {ip}:{port} failed: {e or type(e).__name__}"
-            raise
-
-    async def pipe(self, client: trio.abc.Stream, upstream: trio.abc.Stream, workload: Workload, port: int,
-                   source: SpiffeId | None, source_ip: str, rec: ConnRecord,
-                   snapshot: Snapshot | None = None) -> None:
-        """Relay until both sides finish; a policy change that now denies it cancels the relay,
-        including one published since ``snapshot`` (what the connection was decided on)."""
-        counters = RelayCounters()
-        scope = trio.CancelScope()
-        live = Live((workload.metadata.namespace, workload.metadata.name), port, source, source_ip, scope)
-        try:
-            with self.registry.track(live), scope:
-                if snapshot is not None and self.holder.current is not snapshot:
-                    self.registry.check(live, self.holder.current)   # changed since the decision
-                await self.relay(client, upstream, counters)
-        except RelayError as e:
-            rec.error = f"{e.reason} ({e.direction})"
-        finally:
-            rec.request_bytes, rec.response_bytes = counters.a_to_b, counters.b_to_a
-            if live.denied is not None:
-                d = live.denied
-                rec.decision, rec.policy, rec.rule, rec.reason, rec.flags = \
-                    "deny", d.policy, d.rule, f"closed by a policy change: {d.reason}", "DENY"
 
 
 @dataclass

@@ -16,14 +16,14 @@ from typing import Awaitable, Callable
 
 import trio
 
-from agent.redirect.netns import NetnsError, listen_in
-from agent.state import Snapshot
+from agent.base.constants import IN_POD_PORTS
+from agent.base.netns import NetnsError, listen_in
+from agent.state.snapshot import Snapshot
 from controller.api import Workload
 
 log = logging.getLogger("nodemesh.agent.listeners")
 
-OUTBOUND_PORT, INBOUND_PLAIN_PORT, INBOUND_HBONE_PORT = 15001, 15006, 15008   # DESIGN "Ports"
-PORTS = (OUTBOUND_PORT, INBOUND_PLAIN_PORT, INBOUND_HBONE_PORT)
+PORTS = IN_POD_PORTS
 RETRY_INTERVAL = 2.0
 
 Handler = Callable[[Workload, trio.SocketStream], Awaitable[None]]

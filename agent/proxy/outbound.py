@@ -1,6 +1,6 @@
 """outbound.py: a local workload's outgoing connection, from original destination to upstream.
 
-Decide (``plan_outbound``, then ``balancer.pick`` per attempt), then do: a remote endpoint is
+Decide (``OutboundDecider``: the plan once, then a pick per attempt), then do: a remote endpoint is
 reached through HBONE (mTLS as the source workload, expecting the endpoint's identity), a
 same-node one through the fast path (the same authorization as inbound, then a direct dial in
 the destination's netns: no TLS hop to ourselves). A failed connect is retried on another
@@ -10,21 +10,22 @@ is turned off. HBONE pools are per source workload, dialling from its netns.
 from __future__ import annotations
 
 import logging
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
-from agent.balancer import NoEndpoint, Stats, pick
+from agent.base.constants import INBOUND_HBONE_PORT
+from agent.decide.authorize import Deny
+from agent.decide.connection import OutboundDecider, Planned
+from agent.decide.plan import NoRoute, Passthrough
 from agent.identity import IdentityError, IdentityManager
-from agent.policy import Deny
+from agent.observe.record import ConnRecord
 from agent.proxy import ProxyError
-from agent.proxy.hbone import HBONE_PORT, ConnectRefused, HboneError, HbonePool, open_hbone_pool
-from agent.proxy.inbound import Delivery, Denied, OrigDst
-from agent.proxy.plan import ConnRecord, NoRoute, Passthrough, Upstream, plan_outbound
+from agent.proxy.delivery import Delivery, Denied, OrigDst
+from agent.proxy.hbone import ConnectRefused, HboneError, HbonePool, open_hbone_pool
 from agent.proxy.relay import RelayCounters, RelayError, abort
-from agent.state import Endpoint, Snapshot
-from controller.api import SpiffeId, Workload
+from agent.state.snapshot import Endpoint, Snapshot
+from controller.api import Workload
 
 log = logging.getLogger("nodemesh.agent.outbound")
 
@@ -82,10 +83,13 @@ class Outbound:
     pools: Pools
     orig_dst: OrigDst
     node: str
-    passthrough: bool = True
-    hbone_port: int = HBONE_PORT           # where remote nodes' in-pod HBONE listeners are
-    rng: random.Random = field(default_factory=random.Random)
-    stats: Stats = field(default_factory=Stats)
+    decider: OutboundDecider               # shared with the fast path (plan, pick, authorize)
+    hbone_port: int = INBOUND_HBONE_PORT   # where remote nodes' in-pod HBONE listeners are
+
+    @property
+    def stats(self):
+        """The balancer's live stats (the decider's): connections started and finished here."""
+        return self.decider.stats
 
     async def handle(self, workload: Workload, stream: trio.SocketStream,
                      dst: tuple[str, int] | None = None, picked: Picked | None = None) -> None:
@@ -95,22 +99,21 @@ class Outbound:
         balancer's choice is made once per connection."""
         snap = self.delivery.holder.current
         src = snap.workload(workload.metadata.namespace, workload.metadata.name) or workload
-        src_id = snap.identity_of(src)
         src_ip = src.spec.addresses[0]
-        rec = ConnRecord("source", src_ip, src_workload=src, src_identity=src_id.uri)
+        rec = ConnRecord("source", src_ip, src_workload=src, src_identity=snap.identity_of(src).uri)
         tel = self.delivery.telemetry
         try:
             ip, port = dst or await self.orig_dst(workload, stream)
             rec.dst_address = f"{ip}:{port}"
-            plan = plan_outbound(snap, src, ip, port, passthrough=self.passthrough)
-            if isinstance(plan, Passthrough):
+            planned = self.decider.plan(snap, src, ip, port)
+            if isinstance(planned.plan, Passthrough):
                 rec.flags = "PT"
                 upstream = await self.delivery.dial_address(src, ip, port, rec)
                 tel.opened(rec)
                 await self._relay(stream, upstream, rec)
                 return
-            rec.dst_service = plan.service
-            await self._to_upstream(snap, src, src_id, src_ip, plan, stream, rec, picked)
+            rec.dst_service = planned.plan.service
+            await self._to_upstream(snap, planned, stream, rec, picked)
         except (NoRoute, Denied) as e:
             if isinstance(e, NoRoute):
                 rec.flags, rec.error = e.flags, e.reason
@@ -122,22 +125,22 @@ class Outbound:
         finally:
             tel.closed(rec)
 
-    async def _to_upstream(self, snap: Snapshot, src: Workload, src_id: SpiffeId, src_ip: str,
-                           plan: Upstream, stream: trio.SocketStream, rec: ConnRecord,
-                           picked: Picked | None = None) -> None:
-        upstream, ep = await self._connect(snap, src, src_id, src_ip, plan, rec, picked)
+    async def _to_upstream(self, snap: Snapshot, planned: Planned, stream: trio.SocketStream,
+                           rec: ConnRecord, picked: Picked | None = None) -> None:
+        upstream, ep = await self._connect(snap, planned, rec, picked)
         self.delivery.telemetry.opened(rec)
         try:
             if isinstance(upstream, trio.SocketStream):   # same-node fast path: tracked like inbound
-                await self.delivery.pipe(stream, upstream, ep.workload, ep.port, src_id, src_ip, rec, snap)
+                await self.delivery.pipe(stream, upstream, ep.workload, ep.port, planned.source_identity,
+                                         planned.source.spec.addresses[0], rec, snap)
             else:
                 await self._relay(stream, upstream, rec)
         finally:
             self.stats.finished(ep)
 
-    async def _connect(self, snap: Snapshot, src: Workload, src_id: SpiffeId, src_ip: str,
-                       plan: Upstream, rec: ConnRecord, picked: Picked | None = None):
+    async def _connect(self, snap: Snapshot, planned: Planned, rec: ConnRecord, picked: Picked | None = None):
         """Pick and connect, trying other endpoints until one answers or the timeout passes."""
+        plan = planned.plan
         tried: set = set()
         first = None
         if picked is not None:
@@ -153,14 +156,12 @@ class Outbound:
                     if first is not None:
                         ep, first = first, None
                     else:
-                        ep = pick(plan.endpoints, algorithm=plan.algorithm, stats=self.stats, rng=self.rng,
-                                  locality=src.spec.locality, locality_failover=plan.locality_failover,
-                                  exclude=frozenset(tried), now=now, service=plan.name)
-                except NoEndpoint as e:
-                    raise NoRoute(f"{e}; last error: {rec.error or 'none'}", "UF") from None
+                        ep = self.decider.pick(planned, now=now, exclude=frozenset(tried))
+                except NoRoute as e:
+                    raise NoRoute(f"{e.reason}; last error: {rec.error or 'none'}", e.flags) from None
                 self.stats.started(ep)
                 try:
-                    upstream = await self._open(snap, src, src_id, src_ip, ep, rec)
+                    upstream = await self._open(snap, planned, ep, rec)
                 except Denied:
                     self.stats.finished(ep)
                     raise
@@ -187,11 +188,14 @@ class Outbound:
         raise NoRoute(f"no endpoint of {plan.name} answered within {self.delivery.connect_timeout}s; "
                       f"last error: {rec.error or 'none'}", "UF")
 
-    async def _open(self, snap, src, src_id, src_ip, ep: Endpoint, rec: ConnRecord):
+    async def _open(self, snap: Snapshot, planned: Planned, ep: Endpoint, rec: ConnRecord):
         rec.dst_workload, rec.dst_identity = ep.workload, ep.identity.uri
+        src, src_id = planned.source, planned.source_identity
+        src_ip = src.spec.addresses[0]
         if ep.node == self.node:
             rec.protocol, rec.security = "tcp", "none"
-            self.delivery.decide(snap, ep.workload, ep.port, src_id, src_ip, rec)
+            self.delivery.decide(snap, ep.workload, ep.port, src_id, src_ip, rec,
+                                 self.decider.authorization(snap, planned, ep))
             return await self.delivery.dial(ep.workload, ep.port, rec)
         rec.protocol, rec.security = "hbone", "mutual_tls"
         await self.identity.certified(src_id.uri)

@@ -15,13 +15,11 @@ from dataclasses import dataclass
 
 import trio
 
+from agent.base.constants import PROXY_MARK
 from agent.proxy import ProxyError
 
 log = logging.getLogger(__name__)
 
-# Every redirect rule skips packets with this mark, so the proxy's own upstream connections
-# are never captured again (DESIGN "Data flow"). 0x539 = 1337, as Istio's ztunnel uses.
-PROXY_MARK = 0x539
 
 # Reads grow 1 KiB -> 16 KiB -> 256 KiB when a read fills the buffer (ztunnel's copy.rs):
 # small for request/response chatter, large for bulk.

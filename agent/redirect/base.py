@@ -16,8 +16,6 @@ import trio
 
 from controller.api import Workload
 
-OUTBOUND_PORT, INBOUND_PLAIN_PORT, INBOUND_HBONE_PORT = 15001, 15006, 15008
-
 
 class RedirectError(Exception):
     """A redirect could not be set up or removed; the message names the workload and the step."""

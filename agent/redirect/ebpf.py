@@ -46,11 +46,10 @@ from pathlib import Path
 
 import trio
 
-from agent.proxy.relay import PROXY_MARK
+from agent.base.constants import INBOUND_HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, PROXY_MARK
+from agent.base.netns import netns_cookie, netns_path, socket_in
 from agent.redirect import bpfmaps, ebpf_build
-from agent.redirect.base import (INBOUND_HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, Finding,
-                                 RedirectError)
-from agent.redirect.netns import netns_cookie, netns_path, socket_in
+from agent.redirect.base import Finding, RedirectError
 from agent.redirect.origdst import NoOriginalDestination
 from controller.api import Workload
 
@@ -70,7 +69,7 @@ OUR_PROGRAMS = frozenset({"nm_sockops", "nm_connect4", "nm_connect6", "nm_sk_loo
 
 
 def cflags() -> list[str]:
-    """The programs' parameters (DESIGN "Ports", relay.PROXY_MARK) and include path."""
+    """The programs' parameters (DESIGN "Ports", agent.base.constants) and include path."""
     return [f"-DOUTBOUND_PORT={OUTBOUND_PORT}", f"-DINBOUND_PLAIN_PORT={INBOUND_PLAIN_PORT}",
             f"-DINBOUND_HBONE_PORT={INBOUND_HBONE_PORT}", f"-DPROXY_MARK={PROXY_MARK:#x}",
             f"-I{BPF_DIR / 'include'}"]

@@ -22,9 +22,8 @@ import subprocess
 
 import trio
 
-from agent.proxy.relay import PROXY_MARK
-from agent.redirect.base import (INBOUND_HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, Finding,
-                                 RedirectError)
+from agent.base.constants import INBOUND_HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, PROXY_MARK
+from agent.redirect.base import Finding, RedirectError
 from agent.redirect.origdst import so_original_dst
 from controller.api import Workload
 

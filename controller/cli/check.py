@@ -1,14 +1,17 @@
 """check.py: ``nodemesh check`` — is the controller healthy, and is anything about to expire?
 
 Prints one line per check (ok / WARN / FAIL) and exits 1 on any FAIL (or any WARN with
---strict), so it works in scripts as well as for people.
+--strict), so it works in scripts as well as for people. The node half (kernel, redirect mode,
+listeners and hooks) is the local agent's: this asks its readiness port and its admin port's
+/check over HTTP, and imports nothing of the agent (``nodemesh agent check`` is the preflight
+for a node where no agent runs yet).
 """
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 
 import click
+import httpx
 
 from controller import api, client
 from controller.cli.identity import parse_iso, until
@@ -31,6 +34,18 @@ def expiry_findings(status: dict, *, now: dt.datetime, window: dt.timedelta,
         what = n.get("nearestIdentity") or "node certificate"
         out.append((level, f"node {n['node']}: nearest expiry {what} {until(n['nearestExpiry'], now)}"))
     return out
+
+
+def node_findings(admin_url: str, ready_url: str, timeout: float = 5.0) -> list[tuple[str, str]]:
+    """What the local agent says of this node: its readiness, then its /check findings."""
+    try:
+        r = httpx.get(ready_url, timeout=timeout)
+        out = [("ok" if r.status_code == 200 else "FAIL", f"agent readiness: {r.text.strip()}")]
+        found = httpx.get(f"{admin_url.rstrip('/')}/check", timeout=timeout).json()["findings"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        return [("FAIL", f"no agent answers at {admin_url} ({e}); is 'nodemesh agent run' running on this "
+                         "node? ('nodemesh agent check' checks the kernel without one)")]
+    return out + [(f["level"], f["message"]) for f in found]
 
 
 @click.command()
@@ -67,11 +82,9 @@ def check(expiry_window, ca_expiry_window, strict, on_node, agent_admin, agent_r
         except client.ClientError as e:
             findings.append(("FAIL", str(e)))
     if on_node is not False:
-        # The node half lives with the agent; loaded by name, as the root group loads verbs.
-        doctor = importlib.import_module("agent.doctor")
-        agent = doctor.agent_findings(agent_admin, agent_ready)
-        if on_node or not (len(agent) == 1 and agent[0][0] == "FAIL"):
-            findings += doctor.kernel_findings() + agent
+        node = node_findings(agent_admin, agent_ready)
+        if on_node or not (len(node) == 1 and node[0][0] == "FAIL"):
+            findings += node
     for level, message in findings:
         click.echo(f"{level:<4}  {message}")
     levels = {lvl for lvl, _ in findings}

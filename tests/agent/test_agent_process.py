@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -24,8 +24,8 @@ import httpx
 import pytest
 import trio
 
+from agent.base.netns import connect_in, listen_in
 from agent.proxy.hbone import ConnectRefused, open_hbone_pool
-from agent.redirect.netns import connect_in, listen_in
 from controller import pki
 from tests.controller.conftest import free_port
 from tests.controller.test_controller_process import Controller, nodemesh

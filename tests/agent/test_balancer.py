@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from agent.balancer import DEFAULT_RTT, NoEndpoint, Stats, gen_pair, pick
-from agent.state import Endpoint
+from agent.decide.balancer import DEFAULT_RTT, NoEndpoint, Stats, gen_pair, pick
+from agent.state.snapshot import Endpoint
 from controller.api import Locality, ObjectMeta, SpiffeId, Workload, WorkloadSpec
 
 HERE = Locality(region="eu-west", zone="eu-west-1a")

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from agent import delta, state
-from agent.index import ROOT_NAMESPACE, Tables
-from agent.state import Snapshot, SnapshotError
+from agent.state import delta, snapshot
+from agent.state.index import ROOT_NAMESPACE, Tables
+from agent.state.snapshot import Snapshot, SnapshotError
 from controller.api import (AuthorizationPolicy, AuthorizationPolicySpec, Locality, Mesh, MeshSpec,
                             ObjectMeta, Operation, Rule, Service, ServicePort, ServiceSpec, Source, Workload,
                             WorkloadSpec)
@@ -115,7 +115,7 @@ def test_update_equals_cold_build(seed, monkeypatch):
         incremental.append(1)
         return out
 
-    monkeypatch.setattr(state, "update", counted)
+    monkeypatch.setattr(snapshot, "update", counted)
     rng = random.Random(seed)
     current: dict = {}                       # what the last good snapshot was built from
     snap = cold(current, 0)

@@ -58,7 +58,7 @@ IDENTITY_AT_WORK = textwrap.dedent("""
     import datetime as dt, random, subprocess, sys
     from pathlib import Path
     import trio
-    from agent import bootstrap
+    from agent.sync import join
     from agent.identity import IdentityManager, SignResult
     from agent.identity.store import StateDir
     ids = Path(sys.argv[1])
@@ -75,7 +75,7 @@ IDENTITY_AT_WORK = textwrap.dedent("""
 
     async def main():
         now = dt.datetime.now(dt.timezone.utc)
-        assert await bootstrap.saved_node_identity(StateDir(ids), NODE, now) is not None
+        assert await join.saved_node_identity(StateDir(ids), NODE, now) is not None
         manager = IdentityManager(signer, rng=random.Random(1), state_dir=ids)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)

@@ -18,9 +18,9 @@ import threading
 import pytest
 import trio
 
-from agent.proxy.relay import PROXY_MARK
-from agent.redirect.netns import (ConnectError, ListenError, NetnsError, connect_in, listen_in,
-                                  netns_cookie, netns_path, socket_in)
+from agent.base.constants import PROXY_MARK
+from agent.base.netns import (ConnectError, ListenError, NetnsError, connect_in, listen_in, netns_cookie,
+                              netns_path, socket_in)
 
 NETNS_DIR = "/var/run/netns"
 
@@ -327,7 +327,7 @@ def test_a_socket_in_a_pod_costs_no_pyroute2_import(netns_lab):
     """setns goes straight to libc: pyroute2 (~11 MB of the agent's RSS) stays out of the
     process unless the forked path is asked for."""
     path = netns_lab.add()
-    code = ("import sys, socket; from agent.redirect.netns import socket_in, netns_cookie; "
+    code = ("import sys, socket; from agent.base.netns import socket_in, netns_cookie; "
             f"s = socket_in({path!r}); host = socket.socket(); "
             "assert netns_cookie(s) != netns_cookie(host), 'not in the pod'; "
             "print('pyroute2' in sys.modules)")

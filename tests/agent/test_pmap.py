@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from agent.pmap import PMap
+from agent.state.pmap import PMap
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from agent import policy as policy_module
-from agent.policy import Allow, Deny, Facts, Match, authorize
-from agent.state import Snapshot
+from agent.state import policies as policy_module   # where the rules are compiled
+from agent.decide.authorize import Allow, Deny, Facts, Match, authorize
+from agent.state.snapshot import Snapshot
 from controller.api import parse_manifests, parse_principal
 
 FRONT = parse_principal("cluster.local/ns/shop/sa/frontend")

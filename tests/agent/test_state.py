@@ -5,10 +5,9 @@ import pytest
 import trio
 import trio.testing
 
-from agent.state import ROOT_NAMESPACE, Endpoint, Snapshot, SnapshotError, StateHolder
-from controller.api import (AuthorizationPolicy, AuthorizationPolicySpec, Locality, Mesh, ObjectMeta,
-                            Rule, Service, ServicePort, ServiceSpec, Source, SpiffeId,
-                            parse_manifests)
+from agent.state.snapshot import ROOT_NAMESPACE, Endpoint, Snapshot, SnapshotError, StateHolder
+from controller.api import (AuthorizationPolicy, AuthorizationPolicySpec, Locality, Mesh, ObjectMeta, Rule,
+                            Service, ServicePort, ServiceSpec, Source, SpiffeId, parse_manifests)
 
 MESH = """
 apiVersion: nodemesh.io/v1alpha1

@@ -5,9 +5,9 @@ import random
 
 import trio
 
-from agent.controlplane import ControlPlane
-from agent.state import Snapshot, StateHolder
-from agent.sync import SyncStatus, run_sync
+from agent.state.snapshot import Snapshot, StateHolder
+from agent.sync.client import ControlPlane
+from agent.sync.follow import SyncStatus, run_sync
 from controller import pki
 from controller.api.spiffe import node_uri
 from tests.controller.test_api_server import MESH, service

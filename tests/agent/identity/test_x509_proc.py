@@ -14,9 +14,9 @@ from cryptography import x509 as cx509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from agent import bootstrap
 from agent.identity import BadBundle, BadCertificate, IdentityManager, X509ChildError, x509, x509_proc
 from agent.identity.store import StateDir
+from agent.sync import join
 from controller import pki
 from tests.agent.identity.conftest import DB, NODE, TTL, WEB, RealSigner, spki
 
@@ -215,13 +215,13 @@ async def test_bootstrap_checks_the_saved_node_certificate_in_the_child(root, ep
     state.save(NODE, pki.cert_pem(pki.issue(root, key.public_key(), now=epoch, ttl=TTL, uris=(NODE,))),
                pki.key_pem(key))
     with trio.fail_after(30):
-        assert await bootstrap.saved_node_identity(state, NODE, epoch) is None          # no bundle yet
+        assert await join.saved_node_identity(state, NODE, epoch) is None          # no bundle yet
         state.save_bundle(pki.cert_pem(root.cert))
-        assert await bootstrap.saved_node_identity(state, NODE, epoch) == state.files(NODE)
-        assert await bootstrap.saved_node_identity(state, NODE, epoch + TTL) is None    # expired: join again
+        assert await join.saved_node_identity(state, NODE, epoch) == state.files(NODE)
+        assert await join.saved_node_identity(state, NODE, epoch + TTL) is None    # expired: join again
         monkeypatch.setattr(x509_proc, "CHILD", ("-c", "raise SystemExit(3)"))
-        with pytest.raises(bootstrap.JoinError, match="exited with 3"):               # not "join again"
-            await bootstrap.saved_node_identity(state, NODE, epoch)
+        with pytest.raises(join.JoinError, match="exited with 3"):               # not "join again"
+            await join.saved_node_identity(state, NODE, epoch)
 
 
 async def test_the_in_process_runner_is_the_same_wire(signed, epoch):

@@ -8,8 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.observe.accesslog import AccessLog
 from agent.observe.metrics import AgentMetrics
+from agent.observe.record import ConnRecord
 from agent.observe.telemetry import Telemetry
-from agent.proxy.plan import ConnRecord
 from controller.api import parse_manifests
 
 

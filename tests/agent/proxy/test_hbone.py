@@ -13,7 +13,8 @@ import trio.testing
 
 from agent.proxy import hbone
 from agent.proxy.h2conn import CANCEL, STREAM_WINDOW, H2Conn
-from agent.proxy.relay import PROXY_MARK, RelayError, open_marked_tcp_stream
+from agent.base.constants import PROXY_MARK
+from agent.proxy.relay import RelayError, open_marked_tcp_stream
 from tests.agent.proxy.conftest import (
     CLIENT_ID, SERVER_ID, Pki, spiffe, start_hbone_server, start_tcp_server,
 )

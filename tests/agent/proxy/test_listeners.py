@@ -14,9 +14,9 @@ import logging
 import pytest
 import trio
 
+from agent.base.netns import ConnectError, ListenError, connect_in, listen_in, netns_cookie, socket_in
 from agent.proxy.listeners import Handlers, Listeners, WorkloadListeners
-from agent.redirect.netns import ConnectError, ListenError, connect_in, listen_in, netns_cookie, socket_in
-from agent.state import Snapshot
+from agent.state.snapshot import Snapshot
 from controller.api import Workload, from_dict
 from tests.agent.test_netns import netns_lab  # noqa: F401 (pytest fixture)
 

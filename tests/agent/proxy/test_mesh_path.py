@@ -14,13 +14,16 @@ from functools import partial
 import pytest
 import trio
 
-from agent.controlplane import ControlPlane
+from agent.decide.balancer import Stats
+from agent.decide.connection import OutboundDecider
 from agent.identity import IdentityManager, SignResult
+from agent.observe.record import ConnRecord
 from agent.proxy.connections import Registry
-from agent.proxy.inbound import Delivery, Inbound
+from agent.proxy.delivery import Delivery
+from agent.proxy.inbound import Inbound
 from agent.proxy.outbound import Outbound, Pools
-from agent.proxy.plan import ConnRecord
-from agent.state import Snapshot, StateHolder
+from agent.state.snapshot import Snapshot, StateHolder
+from agent.sync.client import ControlPlane
 from controller import api as capi
 from tests.agent.test_sync import joined_controlplane
 from tests.controller.conftest import free_port
@@ -115,7 +118,8 @@ class Node:
         self.inbound = Inbound(self.delivery, self.identity, orig_dst=None)
         self.pools = Pools(self.delivery, self.nursery)
         self.outbound = Outbound(self.delivery, self.identity, self.pools, self._orig_dst, self.name,
-                                 hbone_port=HBONE, rng=random.Random(2))
+                                 OutboundDecider(passthrough=True, stats=Stats(), rng=random.Random(2)),
+                                 hbone_port=HBONE)
         for w in self.holder.current.local_workloads:
             await self.identity.certified(self.holder.current.identity_of(w).uri)
             await self.nursery.start(partial(trio.serve_tcp, lambda s, w=w: self.inbound.hbone(w, s), HBONE,
@@ -279,7 +283,7 @@ async def test_unknown_destination_passes_through_or_is_refused(mesh):
     with trio.fail_after(10):
         s = await node1.connect("client-1", ("127.0.1.3", APP))   # a mesh workload's own address
         assert await round_trip(s) == b"hello"
-        node1.outbound.passthrough = False
+        node1.outbound.decider.passthrough = False
         s = await node1.connect("client-1", ("127.0.9.9", 1))
         assert await closed_without_answer(s)
         rec = await node1.sink.next()

@@ -163,7 +163,7 @@ async def accept_from_pod(pod: Pod, listener: trio.SocketListener, host: str, po
 
 @pytest.mark.root
 async def test_outbound_connect_lands_on_15001_with_original_destination(pod, tmp_path):
-    from agent.redirect.netns import listen_in, netns_cookie
+    from agent.base.netns import listen_in, netns_cookie
     red = redirector(tmp_path)
     with trio.fail_after(30):
         await red.start([pod.workload])
@@ -199,7 +199,7 @@ async def test_outbound_connect_lands_on_15001_with_original_destination(pod, tm
 
 @pytest.mark.root
 async def test_original_destination_async_and_missing(pod, tmp_path):
-    from agent.redirect.netns import connect_in, listen_in
+    from agent.base.netns import connect_in, listen_in
     from agent.redirect.origdst import NoOriginalDestination
     red = redirector(tmp_path)
     with trio.fail_after(30):
@@ -223,7 +223,7 @@ async def test_original_destination_async_and_missing(pod, tmp_path):
 
 @pytest.mark.root
 async def test_ipv4_mapped_connect6_is_redirected_native_ipv6_untouched(pod, tmp_path):
-    from agent.redirect.netns import listen_in
+    from agent.base.netns import listen_in
     red = redirector(tmp_path)
     with trio.fail_after(30):
         await red.start([])
@@ -312,7 +312,7 @@ async def test_a_sweep_leaves_another_agents_fresh_attachments_alone(pod, tmp_pa
 
 @pytest.mark.root
 async def test_restarted_redirector_takes_over_enrolled_cgroup(pod, tmp_path):
-    from agent.redirect.netns import listen_in
+    from agent.base.netns import listen_in
     old = redirector(tmp_path)
     with trio.fail_after(30):
         await old.start([pod.workload])
@@ -334,7 +334,7 @@ async def test_restarted_redirector_takes_over_enrolled_cgroup(pod, tmp_path):
 
 @pytest.mark.root
 async def test_inbound_from_outside_goes_to_15006_hbone_and_in_pod_do_not(pod, tmp_path):
-    from agent.redirect.netns import connect_in, listen_in
+    from agent.base.netns import connect_in, listen_in
     red = redirector(tmp_path)
     with trio.fail_after(30):
         await red.start([pod.workload])

@@ -2,20 +2,18 @@
 
 ``plan_outbound(snapshot, source, ip, port)`` turns a workload's original destination into an
 ``Upstream`` (a Service VIP or a mesh workload's own address: endpoints to balance over) or a
-``Passthrough`` (outside the mesh), or raises ``NoRoute``. ``ConnRecord`` is what the data path
-fills in about one connection, for metrics and the access log.
+``Passthrough`` (outside the mesh), or raises ``NoRoute``.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from agent.proxy import ProxyError
-from agent.state import Endpoint, Snapshot
+from agent.decide import DecisionError
+from agent.state.snapshot import Endpoint, Snapshot
 from controller.api import Workload
 
 
-class NoRoute(ProxyError):
+class NoRoute(DecisionError):
     """The connection cannot go anywhere; ``flags`` is the Envoy-style response flag (NR, UF, ...)."""
 
     def __init__(self, reason: str, flags: str = "NR") -> None:
@@ -63,31 +61,3 @@ def plan_outbound(snap: Snapshot, source: Workload, ip: str, port: int, *, passt
     if not passthrough:
         raise NoRoute(f"{ip}:{port} is outside the mesh and passthrough is off")
     return Passthrough(ip, port)
-
-
-@dataclass
-class ConnRecord:
-    """Facts about one proxied connection, filled in as it goes (see agent/observe)."""
-
-    reporter: str                      # "source" (outbound) or "destination" (inbound)
-    src_address: str
-    src_workload: Workload | None = None
-    src_identity: str = ""
-    dst_address: str = ""
-    dst_service: str = ""
-    dst_workload: Workload | None = None
-    dst_identity: str = ""
-    protocol: str = "tcp"              # tcp | hbone
-    security: str = "none"             # mutual_tls | none
-    decision: str = "allow"            # allow | deny
-    policy: str | None = None
-    rule: int | None = None
-    reason: str = ""
-    flags: str = "-"
-    error: str | None = None
-    request_bytes: int = 0             # source -> destination (Istio's tcp_received_bytes)
-    response_bytes: int = 0            # destination -> source (Istio's tcp_sent_bytes)
-    opened: bool = False               # counted as opened (telemetry sets it)
-    start_wall: float = field(default_factory=time.time)
-    start: float = field(default_factory=time.monotonic)
-    end: float | None = None           # monotonic time it closed, when reported later than that

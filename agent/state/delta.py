@@ -15,10 +15,10 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Callable, Iterable, Mapping, TypeVar
 
-from agent.index import (KINDS, ROOT_NAMESPACE, TABLES, Key, SnapshotError, Tables, add_service_addresses,
-                         add_workload_addresses, choose_policies, compiled, members, resource_key,
-                         set_endpoints)
-from agent.pmap import Editor, PMap, finish
+from agent.state.index import (KINDS, ROOT_NAMESPACE, TABLES, Key, SnapshotError, Tables,
+                               add_service_addresses, add_workload_addresses, choose_policies, compiled,
+                               members, resource_key, set_endpoints)
+from agent.state.pmap import Editor, PMap, finish
 from controller.api import AuthorizationPolicy, Mesh, ObjectMeta, Resource, Service, Workload, canonical_ip
 
 R = TypeVar("R", Workload, Service, AuthorizationPolicy)

@@ -1,4 +1,4 @@
-"""controlplane.py: the agent's client of the controller API (the agent's one HTTP client).
+"""client.py: the agent's client of the controller API (the agent's one HTTP client).
 
 Join with a token, get certificates signed, fetch the trust bundle, list + watch resources,
 report the version served. The controller is verified with the trust bundle (hostnames as in

@@ -25,7 +25,7 @@ import threading
 
 import trio
 
-from agent.proxy.relay import PROXY_MARK
+from agent.base.constants import PROXY_MARK
 
 log = logging.getLogger("nodemesh.agent.netns")
 

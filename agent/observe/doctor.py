@@ -1,8 +1,9 @@
-"""doctor.py: the node half of ``nodemesh check`` — kernel features and what the local agent reports.
+"""doctor.py: the node half of ``nodemesh check`` — kernel features and what the agent serves.
 
 Pure collectors return ``(level, message)`` pairs ("ok" | "WARN" | "FAIL"); nothing here changes
-the machine. The agent's own view (redirect mode in force, each workload's hooks) comes from
-its admin port, so the check works without root and without importing bcc.
+the machine. The running agent serves ``node_findings`` at its admin port's /check (which
+``nodemesh check --node`` asks over HTTP, so the controller's CLI imports nothing of the agent);
+``nodemesh agent check`` prints ``kernel_findings`` on a node where no agent runs yet.
 """
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import os
 import platform
 import shutil
 from pathlib import Path
-
-import httpx
 
 KHEADERS = Path(os.environ.get("BCC_KERNEL_SOURCE", "/var/lib/nodemesh/kheaders"))
 
@@ -37,19 +36,15 @@ def kernel_findings(mounts: str | None = None) -> list[tuple[str, str]]:
     return out
 
 
-def agent_findings(admin_url: str, ready_url: str, timeout: float = 5.0) -> list[tuple[str, str]]:
-    """Ask the local agent how it is doing and whether each workload's redirect is in place."""
-    out: list[tuple[str, str]] = []
-    try:
-        r = httpx.get(ready_url, timeout=timeout)
-        out.append(("ok" if r.status_code == 200 else "FAIL", f"agent readiness: {r.text.strip()}"))
-        red = httpx.get(f"{admin_url.rstrip('/')}/redirect", timeout=timeout).json()
-        workloads = httpx.get(f"{admin_url.rstrip('/')}/workloads", timeout=timeout).json()
-    except (httpx.HTTPError, ValueError) as e:
-        return [("FAIL", f"no agent answers at {admin_url} ({e}); is 'nodemesh agent run' running on this node?")]
-    out.append(("ok", f"redirect mode in force: {red['mode']}"))
+def node_findings(mode: str, workloads: list[dict], redirect: list[tuple[str, str]],
+                  mounts: str | None = None) -> list[tuple[str, str]]:
+    """Everything the node half of ``nodemesh check`` reports, as the running agent sees it:
+    the kernel, the redirect mode in force, each workload's listeners (``workloads``: the admin
+    port's /workloads rows) and each workload's redirect hooks (``redirect``: the redirector's
+    findings). Served at the admin port's /check. Pure but for reading /proc/mounts."""
+    out = kernel_findings(mounts)
+    out.append(("ok", f"redirect mode in force: {mode}"))
     for w in workloads:
         level = "FAIL" if w["error"] else "ok"
         out.append((level, f"{w['workload']}: listeners {w['listeners'] or 'none'}" + (f" ({w['error']})" if w["error"] else "")))
-    out += [(f["level"], f["message"]) for f in red["findings"]]
-    return out
+    return out + redirect

@@ -1,10 +1,10 @@
-"""state.py: the immutable snapshot the proxy reads, swapped whole on each update.
+"""snapshot.py: the immutable snapshot the proxy reads, swapped whole on each update.
 
 ``Snapshot.build`` is pure: it turns the controller's resources into indices so the data path
 does dict lookups only, and refuses (``SnapshotError``) what the data path could not serve.
 ``Snapshot.update`` makes the next snapshot from this one and the objects that changed, sharing
-what did not change (``agent/index.py`` holds the tables, ``agent/delta.py`` updates them); it
-gives exactly what ``build`` gives. Policies are compiled here (``agent.policy.compile_policy``),
+what did not change (``agent/state/index.py`` holds the tables, ``agent/state/delta.py`` updates them); it
+gives exactly what ``build`` gives. Policies are compiled here (``agent.state.policies.compile_policy``),
 once per policy version. Only ``StateHolder`` knows about trio; everything else is plain data.
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable, Mapping
 
-import trio   # StateHolder only
+import trio  # StateHolder only
 
-from agent.delta import NeedsColdBuild, update
-from agent.index import ROOT_NAMESPACE, Endpoint, Key, SnapshotError, Tables, resource_key
-from agent.policy import PolicySet
+from agent.state.delta import NeedsColdBuild, update
+from agent.state.index import ROOT_NAMESPACE, Endpoint, Key, SnapshotError, Tables, resource_key
+from agent.state.policies import PolicySet
 from controller.api import (AuthorizationPolicy, Mesh, Resource, Service, ServicePort, SpiffeId, Workload,
                             workload_spiffe_id)
 
@@ -134,7 +134,7 @@ class Snapshot:
 
     def policy_set(self, workload: Workload) -> PolicySet | None:
         """The compiled form of ``policies_for``, split by action; None for a workload not in the
-        snapshot (``policy.authorize`` denies those)."""
+        snapshot (``agent.decide.authorize`` denies those)."""
         m, k = self._t.policy_of, workload.key
         row = m.shards[hash(k) & m.mask].get(k)
         return row[1] if row is not None else None

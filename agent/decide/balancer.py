@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 from controller.api import Locality
 
 if TYPE_CHECKING:
-    from agent.state import Endpoint
+    from agent.state.snapshot import Endpoint
 
 EndpointKey = tuple[str, int]   # (address, port), ``Endpoint.key``
 

@@ -1,98 +1,40 @@
-"""policy.py: pure authorization, ``(snapshot, connection facts) -> Allow | Deny``. No I/O, no trio.
+"""policies.py: AuthorizationPolicies compiled once per policy version, ready to match. Pure.
 
-Owns the decision order and the Istio matching semantics of AuthorizationPolicy rules. Policies are
-compiled once per snapshot (``Snapshot.build`` calls ``compile_policy``), so a decision never parses
-a CIDR or a principal; a policy that does not compile makes the whole snapshot invalid.
+Owns Istio's matching semantics for one rule (principals, namespaces, ipBlocks, ports, methods,
+paths and their ``not`` forms; the string patterns exact, ``*``, ``prefix*``, ``*suffix``) and
+the L7-over-L4 rule below. ``Snapshot.build`` compiles every policy while indexing, so a
+decision never parses a CIDR or a principal and a policy that does not compile makes the whole
+snapshot invalid. The decision order over the compiled rules is ``agent.decide.authorize``'s.
 
-L7 conditions on L4 facts (``Facts.method is None`` but an operation uses methods/paths or their
-``not`` forms), as Istio's TCP filter and ztunnel do, always failing closed:
+L7 conditions on L4 facts (``MatchContext.method is None`` but an operation uses methods/paths
+or their ``not`` forms), as Istio's TCP filter and ztunnel do, always failing closed:
   - ALLOW (and AUDIT): such an operation never matches, so L4 traffic is not allowed by it;
   - DENY: the L7 parts are ignored and the operation matches on its L4 parts (ports) alone.
-So on an http port the proxy authorizes each request with method and path, not the connection.
 """
 from __future__ import annotations
 
-import functools
 import ipaddress
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Union
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Union
 
-from controller.api import AuthorizationPolicy, Operation, Source, SpiffeId, Workload, parse_principal
-
-if TYPE_CHECKING:
-    from agent.state import Snapshot
+from controller.api import AuthorizationPolicy, Operation, Source, parse_principal
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
-MESH_DEFAULT = "mesh/default"   # Deny.policy when the mesh's defaultAction denies
 
+class MatchContext(Protocol):
+    """The facts one decision matches rules against (``agent.decide.authorize`` builds it once
+    per decision): the source principal and namespace (None for a plaintext source), its
+    address, the destination port, and the request's method and path (None for L4)."""
 
-# --- facts and decisions ------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4096)
-def _source_ip(text: str) -> IPAddress:
-    """The parsed source address (cached: the same few sources connect again and again)."""
-    ip = ipaddress.ip_address(text)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped   # a dual-stack socket's ::ffff:a.b.c.d is the IPv4 source
-    return ip
-
-
-@dataclass(frozen=True)
-class Facts:
-    """What the proxy knows about one connection (or, with method and path, one HTTP request).
-
-    ``source_identity`` None means a plaintext source. ``port`` is the destination workload's port
-    (a Service's targetPort). ``path`` is the request path without its query. Raises ``ValueError``
-    for an unparsable ``source_ip`` or when only one of method and path is given.
-    """
-
-    destination: Workload
+    principal: str | None
+    namespace: str | None
+    ip: IPAddress
     port: int
-    source_identity: SpiffeId | None
-    source_ip: str
-    method: str | None = None
-    path: str | None = None
-    ip: IPAddress = field(init=False, repr=False, compare=False)
+    method: str | None
+    path: str | None
 
-    def __post_init__(self) -> None:
-        if (self.method is None) != (self.path is None):
-            raise ValueError(f"give both method and path or neither, got method={self.method!r} "
-                             f"path={self.path!r}")
-        object.__setattr__(self, "ip", _source_ip(self.source_ip))
-
-
-@dataclass(frozen=True)
-class Match:
-    """One rule of one policy that matched: ``policy`` is ``"ns/name"``, ``rule`` its index."""
-
-    policy: str
-    rule: int
-
-
-@dataclass(frozen=True)
-class Allow:
-    """Allowed. ``matched`` is the ALLOW rule that allowed it (None when the mesh default did);
-    ``audits`` are the AUDIT rules that matched, for the access log."""
-
-    reason: str
-    audits: tuple[Match, ...] = ()
-    matched: Match | None = None
-
-
-@dataclass(frozen=True)
-class Deny:
-    """Denied by ``policy`` (``"ns/name"``; ``""`` when no ALLOW policy matched, ``"mesh/default"``
-    for the mesh's defaultAction) and its ``rule`` index (None when no rule decided)."""
-
-    policy: str
-    rule: int | None
-    reason: str
-
-
-# --- compiled form ------------------------------------------------------------------------------
 
 class _Patterns:
     """Istio string match: exact, ``*`` (any), ``prefix*`` and ``*suffix``."""
@@ -144,7 +86,7 @@ class _Source:
         self.namespaces, self.not_namespaces = _patterns(s.namespaces), _patterns(s.not_namespaces)
         self.ip_blocks, self.not_ip_blocks = _networks(s.ip_blocks), _networks(s.not_ip_blocks)
 
-    def match(self, c: _Context) -> bool:
+    def match(self, c: MatchContext) -> bool:
         # principals/namespaces need an identity; their not-forms hold for a plaintext source.
         if self.principals is not None and (c.principal is None or not self.principals.match(c.principal)):
             return False
@@ -174,7 +116,7 @@ class _Operation:
         self.paths, self.not_paths = _patterns(o.paths), _patterns(o.not_paths)
         self.has_l7 = bool(o.methods or o.not_methods or o.paths or o.not_paths)
 
-    def match(self, c: _Context, deny: bool) -> bool:
+    def match(self, c: MatchContext, deny: bool) -> bool:
         if self.ports is not None and c.port not in self.ports:
             return False
         if self.not_ports is not None and c.port in self.not_ports:
@@ -200,7 +142,7 @@ class _Rule:
     def __init__(self, sources: tuple[_Source, ...], operations: tuple[_Operation, ...]) -> None:
         self.sources, self.operations = sources, operations
 
-    def match(self, c: _Context, deny: bool) -> bool:
+    def match(self, c: MatchContext, deny: bool) -> bool:
         """``from`` entries are ORed, and so are ``to`` entries; an empty list matches anything."""
         return ((not self.sources or any(s.match(c) for s in self.sources))
                 and (not self.operations or any(o.match(c, deny) for o in self.operations)))
@@ -217,7 +159,7 @@ class CompiledPolicy:
         self.action = policy.spec.action
         self.rules = rules
 
-    def matching(self, c: _Context) -> Iterable[int]:
+    def matching(self, c: MatchContext) -> Iterable[int]:
         """Indices of the rules that match, in order. No rules: nothing matches."""
         deny = self.action == "DENY"
         return (i for i, r in enumerate(self.rules) if r.match(c, deny))
@@ -250,47 +192,3 @@ class PolicySet:
         return cls(deny=tuple(p for p in ps if p.action == "DENY"),
                    allow=tuple(p for p in ps if p.action == "ALLOW"),
                    audit=tuple(p for p in ps if p.action == "AUDIT"))
-
-
-class _Context:
-    """Per-decision view of the facts, computed once: the principal string, namespace, ip."""
-
-    __slots__ = ("principal", "namespace", "ip", "port", "method", "path")
-
-    def __init__(self, f: Facts) -> None:
-        ident = f.source_identity
-        self.principal = ident.principal if ident is not None else None
-        self.namespace = ident.namespace if ident is not None else None
-        self.ip, self.port, self.method, self.path = f.ip, f.port, f.method, f.path
-
-
-# --- the decision -------------------------------------------------------------------------------
-
-def authorize(snapshot: Snapshot, facts: Facts) -> Allow | Deny:
-    """Decide ``facts`` against the policies that select ``facts.destination`` in ``snapshot``.
-
-    Order, as Istio's: any matching DENY rule denies (the first in snapshot order is named);
-    else, if ALLOW policies select the workload, one of their rules must match; else the mesh's
-    ``defaultAction``. AUDIT rules never decide; those that match are listed in ``Allow.audits``.
-    The snapshot's view of the destination (found by namespace/name) is used; a destination not
-    in the snapshot is denied. Never raises.
-    """
-    dest = facts.destination
-    policies = snapshot.policy_set(dest)
-    if policies is None:
-        return Deny("", None, f"destination {dest.ref} is not in snapshot version {snapshot.version}")
-    c = _Context(facts)
-    for p in policies.deny:
-        for i in p.matching(c):
-            return Deny(p.ref, i, f"denied by DENY policy {p.ref} rule {i}")
-    audits = tuple(Match(p.ref, i) for p in policies.audit for i in p.matching(c))
-    if policies.allow:
-        for p in policies.allow:
-            for i in p.matching(c):
-                return Allow(f"allowed by ALLOW policy {p.ref} rule {i}", audits, Match(p.ref, i))
-        considered = ", ".join(p.ref for p in policies.allow)
-        return Deny("", None, f"no ALLOW policy matched (considered: {considered})")
-    action = snapshot.mesh.spec.default_action
-    if action == "ALLOW":
-        return Allow(f"no ALLOW policy selects {dest.ref}; mesh defaultAction ALLOW", audits)
-    return Deny(MESH_DEFAULT, None, f"no ALLOW policy selects {dest.ref}; mesh defaultAction {action}")

@@ -3,7 +3,7 @@
 Pure: no I/O, no trio. Owns what the data path looks up (workloads by address, services by
 vip:port, endpoints, identities, the policies selecting each workload) and the side indices an
 update needs to find what a change touches (workloads by label and namespace, services by
-selector label, policies by namespace). ``agent/delta.py`` updates these tables; the rule the
+selector label, policies by namespace). ``agent/state/delta.py`` updates these tables; the rule the
 two share: tables are never changed once built, and an update gives exactly what a cold build
 of the same resources gives.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Iterable
 
-from agent.pmap import PMap
-from agent.policy import CompiledPolicy, PolicySet, compile_policy
+from agent.state.pmap import PMap
+from agent.state.policies import CompiledPolicy, PolicySet, compile_policy
 from controller.api import (ApiError, AuthorizationPolicy, Locality, Mesh, ObjectMeta, Resource, Service,
                             ServicePort, SpiffeId, Workload, canonical_ip, workload_spiffe_id)
 
@@ -201,7 +201,7 @@ def _in_key_order(m: dict[Key, Resource]) -> dict[Key, Resource]:
     return {k: m[k] for ns in sorted(groups) for k in sorted(groups[ns], key=name)}
 
 
-# --- steps shared by the cold build and the update (agent/delta.py) -----------------------------
+# --- steps shared by the cold build and the update (agent/state/delta.py) -----------------------
 
 def identity_of(t: Tables, w: Workload, memo: dict[tuple[str, str], SpiffeId]) -> SpiffeId:
     """``w``'s SPIFFE ID in ``t``'s trust domain; raises ``SnapshotError`` if it is not valid."""

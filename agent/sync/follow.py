@@ -1,4 +1,4 @@
-"""sync.py: keeps the agent's snapshot in step with the controller; the last good one on disk.
+"""follow.py: keeps the agent's snapshot in step with the controller; the last good one on disk.
 
 Pure core: ``Resources`` (raw objects by key at a version, changed by watch events) and
 ``Decoder.build`` (decode what changed + ``Snapshot.update``, raising ``Rejected``). Thin shell:
@@ -21,12 +21,12 @@ from typing import Awaitable, Callable, Iterator
 
 import trio
 
-from agent.controlplane import ControlPlane, ControlPlaneError, Refused
 from agent.identity.store import write_private
-from agent.state import Snapshot, SnapshotError, StateHolder
+from agent.state.snapshot import Snapshot, SnapshotError, StateHolder
+from agent.sync.client import ControlPlane, ControlPlaneError, Refused
 from controller import api
 
-log = logging.getLogger("nodemesh.agent.sync")
+log = logging.getLogger("nodemesh.agent.sync.follow")
 
 Key = tuple[str, str, str]
 

@@ -1,4 +1,4 @@
-"""bootstrap.py: the agent's node identity — join once with a token, then reuse and renew.
+"""join.py: the agent's node identity — join once with a token, then reuse and renew.
 
 On first start the agent reads the one-time token, makes a key and a CSR for
 ``spiffe://<td>/nodemesh/node/<node>`` (the key never leaves), and joins. The node certificate
@@ -13,13 +13,13 @@ import datetime as dt
 import logging
 from pathlib import Path
 
-from agent.controlplane import ControlPlane, Refused
 from agent.identity import x509_proc
 from agent.identity.errors import BadCertificate, X509ChildError
 from agent.identity.store import StateDir
+from agent.sync.client import ControlPlane, Refused
 from controller.api.spiffe import node_uri
 
-log = logging.getLogger("nodemesh.agent.bootstrap")
+log = logging.getLogger("nodemesh.agent.sync.join")
 
 
 TRUST_DOMAIN_FILE = "trust-domain"
