@@ -1,7 +1,7 @@
 """constants.py: the agent's fixed numbers, written once (DESIGN "Ports"; the proxy's mark).
 
 The same ports as Istio's ztunnel, so operators recognise them. The eBPF programs get them as
-cflags (``agent.redirect.ebpf``) and the iptables rules as text; nothing else spells them out.
+cflags (``agent.redirect.ebpf_build``) and the iptables rules as text; nothing else spells them out.
 """
 from __future__ import annotations
 
@@ -15,3 +15,5 @@ METRICS_PORT = 15020         # agent: Prometheus /metrics
 READY_PORT = 15021           # agent: /healthz/ready
 
 PROXY_MARK = 0x539           # SO_MARK on the proxy's own sockets; every redirect rule skips it
+
+KHEADERS = "/var/lib/nodemesh/kheaders"   # the kernel-header tree for bcc, built by scripts/setup.sh

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from agent.identity.errors import BadBundle, BadCertificate
-from agent.identity.x509_proc import Leaf
+from agent.identity.certinfo import Leaf
 
 __all__ = ["Leaf", "check_bundle", "check_chain", "csr_pem", "new_key_pem"]
 

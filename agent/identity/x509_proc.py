@@ -16,9 +16,9 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from agent.identity.certinfo import Leaf
 from agent.identity.errors import BadBundle, BadCertificate, X509ChildError
 
 CHILD_TIMEOUT = 30.0                   # seconds; a batch takes ~0.2 s, most of it Python's start
@@ -28,15 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]   # holds the agent package: the repo
 Op = dict        # one operation, as sent: {"op": name, ...}; made by the functions below
 Outcome = object  # an operation's value, or the BadCertificate/BadBundle/ValueError it raised
 Runner = Callable[[Sequence[Op]], Awaitable[list[Outcome]]]
-
-
-@dataclass(frozen=True)
-class Leaf:
-    """What the agent needs to know of an accepted leaf certificate."""
-
-    not_before: dt.datetime
-    not_after: dt.datetime
-    serial: int
 
 
 # --- operations (what x509's functions take; see there for what each checks) ------------------

@@ -12,7 +12,9 @@ import platform
 import shutil
 from pathlib import Path
 
-KHEADERS = Path(os.environ.get("BCC_KERNEL_SOURCE", "/var/lib/nodemesh/kheaders"))
+from agent.base import constants
+
+KHEADERS = Path(os.environ.get("BCC_KERNEL_SOURCE", constants.KHEADERS))
 
 
 def kernel_findings(mounts: str | None = None) -> list[tuple[str, str]]:

@@ -46,18 +46,16 @@ from pathlib import Path
 
 import trio
 
-from agent.base.constants import INBOUND_HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, PROXY_MARK
+from agent.base.constants import OUTBOUND_PORT
 from agent.base.netns import netns_cookie, netns_path, socket_in
 from agent.redirect import bpfmaps, ebpf_build
+from agent.redirect.ebpf_build import cflags  # noqa: F401 (the programs' parameters, tested here)
 from agent.redirect.base import Finding, RedirectError
 from agent.redirect.origdst import NoOriginalDestination
 from controller.api import Workload
 
 log = logging.getLogger("nodemesh.agent.redirect")
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-PROGRAM_FILES = ("cgroup_connect4_redirect.c", "sockops_origdst.c", "sk_lookup_inbound.c")
-KHEADERS = "/var/lib/nodemesh/kheaders"          # built by scripts/setup.sh (KERNEL-NOTES)
 STATE_DIR = "/run/nodemesh/ebpf"
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -66,13 +64,6 @@ CGROUP_HOOKS = (("nm_sockops", bpfmaps.ATTACH_CGROUP_SOCK_OPS),
                 ("nm_connect4", bpfmaps.ATTACH_INET4_CONNECT),
                 ("nm_connect6", bpfmaps.ATTACH_INET6_CONNECT))
 OUR_PROGRAMS = frozenset({"nm_sockops", "nm_connect4", "nm_connect6", "nm_sk_lookup"})
-
-
-def cflags() -> list[str]:
-    """The programs' parameters (DESIGN "Ports", agent.base.constants) and include path."""
-    return [f"-DOUTBOUND_PORT={OUTBOUND_PORT}", f"-DINBOUND_PLAIN_PORT={INBOUND_PLAIN_PORT}",
-            f"-DINBOUND_HBONE_PORT={INBOUND_HBONE_PORT}", f"-DPROXY_MARK={PROXY_MARK:#x}",
-            f"-I{BPF_DIR / 'include'}"]
 
 
 # --- cgroup paths (pure) -----------------------------------------------------------------------

@@ -15,11 +15,25 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from agent.base.constants import INBOUND_HBONE_PORT, INBOUND_PLAIN_PORT, KHEADERS, OUTBOUND_PORT, PROXY_MARK
 from agent.redirect.base import RedirectError
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+PROGRAM_FILES = ("cgroup_connect4_redirect.c", "sockops_origdst.c", "sk_lookup_inbound.c")
 
 MAPS = ("origdst_by_peer", "origdst_by_cookie", "own_addrs", "inbound_listeners")
 BUILD_TIMEOUT = 120.0                  # seconds; a compile takes 0.5–2.5 s here
+
+
+def cflags() -> list[str]:
+    """The programs' parameters (DESIGN "Ports", agent.base.constants) and include path."""
+    return [f"-DOUTBOUND_PORT={OUTBOUND_PORT}", f"-DINBOUND_PLAIN_PORT={INBOUND_PLAIN_PORT}",
+            f"-DINBOUND_HBONE_PORT={INBOUND_HBONE_PORT}", f"-DPROXY_MARK={PROXY_MARK:#x}",
+            f"-I{BPF_DIR / 'include'}"]
+
+
 # (name, bcc program type, attach type): the types by number where bcc 0.26 has no name
 PROGRAMS = (("nm_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),
             ("nm_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT"),
@@ -85,10 +99,9 @@ def build() -> Built:
 def _with_kernel_source(env):
     """``env`` with BCC_KERNEL_SOURCE at the setup's header tree when the running kernel has
     none of its own (KERNEL-NOTES); returns ``env``."""
-    from agent.redirect import ebpf
-    if "BCC_KERNEL_SOURCE" not in env and os.path.isdir(ebpf.KHEADERS) \
+    if "BCC_KERNEL_SOURCE" not in env and os.path.isdir(KHEADERS) \
             and not os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
-        env["BCC_KERNEL_SOURCE"] = ebpf.KHEADERS
+        env["BCC_KERNEL_SOURCE"] = KHEADERS
     return env
 
 
@@ -96,13 +109,12 @@ def compile_here():
     """Compile and load in this process; returns (bcc BPF, {program name: fd}). Blocking."""
     from bcc import BPF, BPFAttachType, BPFProgType
 
-    from agent.redirect import ebpf
     _with_kernel_source(os.environ)
-    text = "\n".join((ebpf.BPF_DIR / f).read_text() for f in ebpf.PROGRAM_FILES)
+    text = "\n".join((BPF_DIR / f).read_text() for f in PROGRAM_FILES)
     try:
-        b = BPF(text=text.encode(), cflags=ebpf.cflags())
+        b = BPF(text=text.encode(), cflags=cflags())
     except Exception as e:
-        raise RedirectError(f"compiling {', '.join(ebpf.PROGRAM_FILES)} failed: {e} (is "
+        raise RedirectError(f"compiling {', '.join(PROGRAM_FILES)} failed: {e} (is "
                             f"BCC_KERNEL_SOURCE set to a header tree? see KERNEL-NOTES)") from e
     try:
         fds = {}

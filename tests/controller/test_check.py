@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 from controller.cli.check import expiry_findings
 from tests.controller.test_controller_process import nodemesh
@@ -51,3 +52,12 @@ def test_token_status_rotate_and_check_through_the_cli(tmp_path):
         assert strict.returncode == 1 and "WARN" in strict.stdout
     finally:
         ctl.stop()
+
+
+def test_check_on_a_node_without_an_agent_fails_and_says_what_to_run():
+    # port 9 (discard) on loopback: nothing of ours listens there, so no agent answers
+    p = nodemesh("check", "--no-controller", "--node", "--agent-admin", "http://127.0.0.1:9",
+                 "--agent-ready", "http://127.0.0.1:9/healthz/ready", env=dict(os.environ), check=False)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stdout.startswith("FAIL  no agent answers at http://127.0.0.1:9")
+    assert "'nodemesh agent check' checks the kernel without one" in p.stdout
