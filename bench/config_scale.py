@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from agent.state.snapshot import Snapshot
-from agent.sync.follow import Decoder, Resources, SnapshotFile
+from agent.sync.follow import Decoder
+from agent.sync.snapshot_file import Resources, SnapshotFile
 
 
 def rss_kb() -> int:

@@ -34,7 +34,7 @@ def admin_routes(
 
     ``/config_dump``, ``/certs``, ``/workloads``: JSON of what the callables return (they may
     be async). ``/logging``: GET lists the ``nodemesh`` loggers' effective levels; POST
-    ``?level=debug`` sets every one of them, ``?nodemesh.agent.sync.follow=debug`` just that one (all
+    ``?level=debug`` sets every one of them, ``?nodemesh.agent.sync=debug`` just that one (all
     or nothing; 400 names a bad level or unknown logger; 403 when the request carries an
     ``Origin`` header, so a web page cannot change levels). ``/`` lists the endpoints.
     """

@@ -24,7 +24,7 @@ from agent.proxy.splice import SpliceEngine
 from agent.state.snapshot import Snapshot, StateHolder
 from controller.api import SpiffeId, Workload
 
-log = logging.getLogger("nodemesh.agent.delivery")
+log = logging.getLogger("nodemesh.agent.inbound")   # the name it logged under before delivery.py
 
 ConnectIn = Callable[..., Awaitable[trio.SocketStream]]      # (netns, host, port, *, timeout)
 OrigDst = Callable[[Workload, trio.SocketStream], Awaitable[tuple[str, int]]]

@@ -19,7 +19,7 @@ from agent.identity.store import StateDir
 from agent.sync.client import ControlPlane, Refused
 from controller.api.spiffe import node_uri
 
-log = logging.getLogger("nodemesh.agent.sync.join")
+log = logging.getLogger("nodemesh.agent.bootstrap")
 
 
 TRUST_DOMAIN_FILE = "trust-domain"

@@ -10,7 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from agent.sync.follow import Decoder, Rejected, Resources, SnapshotFile, _Saver, load, save
+from agent.sync.follow import Decoder, Rejected, _Saver
+from agent.sync.snapshot_file import Resources, SnapshotFile, load, save
 from bench.config_scale import objects
 from tests.agent.test_delta import check_same
 

@@ -61,21 +61,21 @@ async def test_head_sends_headers_without_body(serve):
 
 
 async def test_logging_post_changes_a_logger_and_get_shows_it(serve, restore_log_levels):
-    sync = logging.getLogger("nodemesh.agent.sync.follow")
+    sync = logging.getLogger("nodemesh.agent.sync")
     other = logging.getLogger("nodemesh.agent.inbound")
     logging.getLogger("nodemesh").setLevel(logging.INFO)
     sync.setLevel(logging.NOTSET)
     other.setLevel(logging.NOTSET)
     port = await serve(admin())
     before = (await http("GET", port, "/logging")).json()["loggers"]
-    assert before["nodemesh.agent.sync.follow"] == "info" and before["nodemesh"] == "info"
+    assert before["nodemesh.agent.sync"] == "info" and before["nodemesh"] == "info"
 
-    r = await http("POST", port, "/logging?nodemesh.agent.sync.follow=debug")
-    assert r.status_code == 200 and r.json()["loggers"]["nodemesh.agent.sync.follow"] == "debug"
+    r = await http("POST", port, "/logging?nodemesh.agent.sync=debug")
+    assert r.status_code == 200 and r.json()["loggers"]["nodemesh.agent.sync"] == "debug"
     assert sync.getEffectiveLevel() == logging.DEBUG
     assert other.getEffectiveLevel() == logging.INFO
     after = (await http("GET", port, "/logging")).json()["loggers"]
-    assert after["nodemesh.agent.sync.follow"] == "debug" and after["nodemesh.agent.inbound"] == "info"
+    assert after["nodemesh.agent.sync"] == "debug" and after["nodemesh.agent.inbound"] == "info"
 
     r = await http("POST", port, "/logging?level=WARNING")
     assert r.status_code == 200
@@ -84,10 +84,10 @@ async def test_logging_post_changes_a_logger_and_get_shows_it(serve, restore_log
 
 
 async def test_logging_post_refuses_bad_input_and_changes_nothing(serve, restore_log_levels):
-    sync = logging.getLogger("nodemesh.agent.sync.follow")
+    sync = logging.getLogger("nodemesh.agent.sync")
     sync.setLevel(logging.INFO)
     port = await serve(admin())
-    for query, status, words in [("?nodemesh.agent.sync.follow=debug&level=loud", 400, "unknown level"),
+    for query, status, words in [("?nodemesh.agent.sync=debug&level=loud", 400, "unknown level"),
                                  ("?nodemesh.nope=debug", 400, "unknown logger"),
                                  ("?httpx=debug", 400, "unknown logger"),
                                  ("", 400, "nothing to change")]:
