@@ -12,9 +12,12 @@ With ``--relay`` the server relays each stream (agent.proxy.relay, as the inboun
 to a TCP echo server in a third process, so its figure is a whole destination proxy's cost.
 ``--server floor`` (implies ``--relay``) puts ``bench.hbone_floor`` in the server's place: the
 same hop on a bare epoll loop, the least such a server can cost in Python.
+``--no-hyperframe-patch`` runs both sides with hyperframe's own DATA-frame repr
+(agent.proxy.hyperframe_patch undone), to measure what that patch saves.
 
     PYTHONPATH=. python -m bench.hbone_micro [--requests 3000] [--runs 5] [--mode stream|per-request|both]
-                                             [--relay] [--server agent|floor]
+                                             [--relay] [--server agent|floor] [--size 1024]
+                                             [--no-hyperframe-patch]
 """
 from __future__ import annotations
 
@@ -83,8 +86,15 @@ async def echo_server() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def serve(directory: Path, relay_to: int | None) -> None:
+def _unpatch(patched: bool) -> None:
+    if not patched:
+        from agent.proxy import hyperframe_patch
+        hyperframe_patch.undo()
+
+
+async def serve(directory: Path, relay_to: int | None, patched: bool = True) -> None:
     from agent.proxy import hbone
+    _unpatch(patched)
     from agent.proxy.relay import RelayError, open_marked_tcp_stream, relay
     ctx = context(directory, "server")
 
@@ -156,15 +166,16 @@ async def _per_request(pool, open_kw, n: int, payload: bytes) -> None:
 
 
 async def run_client(port: int, server_pid: int, directory: Path, mode: str, n: int, size: int,
-                     runs: int) -> list[dict]:
-    from agent.proxy import hbone
+                     runs: int, patched: bool = True) -> list[dict]:
+    from agent.proxy.hbone_pool import open_hbone_pool
+    _unpatch(patched)
     ctx = context(directory, "client")
     open_kw = dict(node_address=("127.0.0.1", port), source_identity=CLIENT_ID,
                    expected_peer=frozenset({SERVER_ID}), ssl_context=ctx, forwarded_for="10.0.0.1")
     payload = os.urandom(size)
     body = _one_stream if mode == "stream" else _per_request
     results = []
-    async with hbone.open_hbone_pool() as pool:
+    async with open_hbone_pool() as pool:
         await body(pool, open_kw, min(200, n), payload)          # warm up: handshake, caches
         for _ in range(runs):
             c0, s0, t0 = _self_cpu(), _proc_cpu(server_pid), time.perf_counter()
@@ -189,6 +200,8 @@ def main() -> None:
     ap.add_argument("--server", choices=("agent", "floor"), default="agent",
                     help="agent: our serve_hbone (default); floor: bench.hbone_floor, a bare epoll "
                          "loop with ssl and h2 (implies --relay)")
+    ap.add_argument("--no-hyperframe-patch", dest="patched", action="store_false",
+                    help="both sides with hyperframe's own DATA-frame repr (agent.proxy.hyperframe_patch undone)")
     ap.add_argument("--json", action="store_true", help="print the raw runs as JSON too")
     ap.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)   # the children's roles
     ap.add_argument("--relay-to", type=int, help=argparse.SUPPRESS)
@@ -201,9 +214,10 @@ def main() -> None:
         profile = os.environ.get("HBONE_MICRO_PROFILE")     # a path: cProfile the server there
         if profile:
             import cProfile
-            cProfile.runctx("trio.run(serve, Path(args.serve), args.relay_to)", globals(), locals(), profile)
+            cProfile.runctx("trio.run(serve, Path(args.serve), args.relay_to, args.patched)",
+                            globals(), locals(), profile)
         else:
-            trio.run(serve, Path(args.serve), args.relay_to)
+            trio.run(serve, Path(args.serve), args.relay_to, args.patched)
         return
     with tempfile.TemporaryDirectory(prefix="hbone-micro-") as tmp:
         directory = Path(tmp)
@@ -216,7 +230,8 @@ def main() -> None:
             children.append(echo)
             relay_to = ["--relay-to", echo.stdout.readline().strip()]
         role = (["-m", "bench.hbone_floor", tmp, relay_to[1]] if args.server == "floor"
-                else ["-m", "bench.hbone_micro", "--serve", tmp, *relay_to])
+                else ["-m", "bench.hbone_micro", "--serve", tmp, *relay_to,
+                      *([] if args.patched else ["--no-hyperframe-patch"])])
         child = subprocess.Popen([sys.executable, *role],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         children.append(child)
@@ -225,7 +240,7 @@ def main() -> None:
             modes = ("stream", "per-request") if args.mode == "both" else (args.mode,)
             for mode in modes:
                 runs = trio.run(run_client, port, child.pid, directory, mode, args.requests,
-                                args.size, args.runs)
+                                args.size, args.runs, args.patched)
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 rng = {k: (min(r[k] for r in runs), max(r[k] for r in runs)) for k in runs[0]}
                 print(f"{mode:12s} {args.requests} x {args.size} B, median of {args.runs}: "

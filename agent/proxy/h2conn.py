@@ -1,16 +1,18 @@
 """h2conn.py: one HTTP/2 connection over a transport; its streams are h2stream.HboneStream.
 
-With h2stream.py, h2errors.py and h2fast.py (plain DATA frames) the only modules that import h2. Owns framing, connection
-flow control and the connection's two tasks (a reader that dispatches frames to streams, a
-writer that finishes sends the kernel could not take at once: everything else is written
-synchronously by whoever queued it). Knows nothing of CONNECT semantics, identities, TLS or
-pooling: hbone.py builds those on top, tlsio.py is the usual transport.
+With h2errors.py and h2fast.py (plain DATA frames) the only modules that import h2. Owns
+framing, flow control and the connection's two tasks (a reader that dispatches frames to
+streams, a writer that finishes sends the kernel could not take at once: everything else is
+written synchronously by whoever queued it). Its streams call it only through
+h2stream.Connection, and it calls them only through their public methods. Knows nothing of
+CONNECT semantics, identities, TLS or pooling: hbone.py builds those on top, tlsio.py is the
+usual transport.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import h2.config
 import h2.connection
@@ -18,23 +20,19 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import hyperframe.frame
 import trio
 
-from agent.proxy import h2fast
+from agent.proxy import h2fast, hyperframe_patch
 from agent.proxy.h2errors import (
-    CANCEL, NO_ERROR, ConnectionLost, HboneError, Headers, LocalProtocolError, ProtocolError,
-    RemoteProtocolError, StreamReset, _code_name,
+    ConnectionLost, HboneError, Headers, LocalProtocolError, RemoteProtocolError, StreamReset, _code_name,
 )
 from agent.proxy.h2stream import HboneStream
+from agent.proxy.tlsio import StreamWire, Wire
 
-__all__ = [
-    "CANCEL", "CONNECTION_WINDOW", "MAX_FRAME_SIZE", "NO_ERROR", "STREAM_WINDOW", "ConnectionLost",
-    "H2Conn", "HboneError", "HboneStream", "Headers", "LocalProtocolError", "ProtocolError",
-    "RemoteProtocolError", "StreamReset",
-]
+__all__ = ["CONNECTION_WINDOW", "MAX_FRAME_SIZE", "STREAM_WINDOW", "H2Conn"]
 
 log = logging.getLogger(__name__)
+hyperframe_patch.apply()
 
 # Windows as ztunnel sets them, so bulk transfers are not window-bound on fast links.
 STREAM_WINDOW = 4 * 1024 * 1024
@@ -52,68 +50,19 @@ _ACK_BATCH_CONNECTION = 1024 * 1024
 _GOAWAY_FLUSH_TIMEOUT = 1.0
 
 
-def _raw_data_repr(data: bytes | None) -> str:
-    """hyperframe's DATA-frame repr, same output, but hexlifying 10 bytes instead of all.
-
-    h2 formats ``repr(frame)`` for a trace log on every received frame, even with logging
-    off (h2 4.x ``_receive_frame``); the original hexlifies the whole payload and then keeps
-    20 hex digits, which cost ~20% of tunnel throughput.
-    """
-    if not data:
-        return "None"
-    r = data[:11].hex()
-    return "<hex:" + (r[:20] + "..." if len(r) > 20 else r) + ">"
-
-
-if hasattr(hyperframe.frame, "_raw_data_repr"):
-    hyperframe.frame._raw_data_repr = _raw_data_repr
-
-
-class _Wire(Protocol):
-    """What H2Conn needs of its transport (tlsio.TlsTransport has it; any trio stream is
-    adapted by _StreamWire)."""
-
-    def try_send(self, data: bytes) -> bool: ...      # sync; False: finish_send must run
-    def queue(self, data: bytes) -> None: ...         # sync; sent by the next finish_send
-    async def finish_send(self) -> None: ...
-    async def receive_some(self, max_bytes: int | None = None) -> bytes: ...
-    @property
-    def unsent(self) -> int: ...                      # bytes queued, not yet taken by the kernel
-
-
-class _StreamWire:
-    """A trio stream as a _Wire: every write goes through the writer task."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
-        self._pending = bytearray()
-
-    @property
-    def unsent(self) -> int:
-        return len(self._pending)
-
-    def queue(self, data: bytes) -> None:
-        self._pending += data
-
-    def try_send(self, data: bytes) -> bool:
-        self._pending += data
-        return not self._pending
-
-    async def finish_send(self) -> None:
-        while self._pending:
-            data = bytes(self._pending)
-            self._pending.clear()
-            await self._stream.send_all(data)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self._stream.receive_some(max_bytes)
+@contextmanager
+def _refused() -> Iterator[None]:         # h2 refusing what we asked, as LocalProtocolError
+    try:
+        yield
+    except h2.exceptions.ProtocolError as e:
+        raise LocalProtocolError(str(e) or type(e).__name__) from e
 
 
 class H2Conn:
     """One HTTP/2 connection. Start ``run`` in a task; it returns when the connection is done.
 
-    Client side: ``open_stream(headers)`` sends a request and returns the stream and the
-    response headers. Server side: ``on_request(stream, headers)`` is called (synchronously,
+    Client side: ``open_stream_nowait(headers)`` sends a request and returns the stream (whose
+    ``wait_response`` gives the response headers). Server side: ``on_request(stream, headers)`` is called (synchronously,
     from the reader) for each new request; it must not block.
     """
 
@@ -139,12 +88,13 @@ class H2Conn:
         self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
         self._fast = h2fast.usable(self._h2)       # plain DATA frames without h2's frame objects
         self._transport = transport
-        self._wire: _Wire = transport if hasattr(transport, "try_send") else _StreamWire(transport)
+        self._wire: Wire = transport if hasattr(transport, "try_send") else StreamWire(transport)
         self._on_request = on_request
         self._streams: dict[int, HboneStream] = {}
         self._failure: HboneError | None = None   # set once the connection is unusable
         self._goaway = False                       # no new streams (either side said GOAWAY)
-        self._unacked_total = 0                    # read by streams, not yet acked to h2
+        self._unacked: dict[int, int] = {}         # per stream: read, not yet acked to h2
+        self._unacked_total = 0
         self._to_push: list[HboneStream] = []     # streams with data for their sink (one read's)
         self._blocked = False                      # the transport holds unsent bytes
         self._writer_lot = trio.lowlevel.ParkingLot()   # the writer waits here for _blocked
@@ -199,7 +149,7 @@ class H2Conn:
         self._h2.initiate_connection()
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
         self._idle_since = trio.current_time()
-        self._flush_now()
+        self.write_out()
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
@@ -245,7 +195,7 @@ class H2Conn:
         if self._failure is None:
             self._failure = error
         for stream in list(self._streams.values()):
-            stream._break(self._failure)
+            stream.break_with(self._failure)
         if self._scope is not None:
             self._scope.cancel()
         self._drained_lot.unpark_all()
@@ -258,21 +208,23 @@ class H2Conn:
     # Only when the kernel does not take it all does the writer task finish the send; until
     # then streams wait (so a slow peer cannot make our buffers grow) and frames queue behind.
 
-    def _flush_now(self) -> None:
-        """Hand everything h2 has queued to the transport without blocking."""
+    def write_out(self) -> bool:
+        """Hand everything h2 has queued to the transport without blocking; True when the
+        transport is backed up or the connection failed (streams then wait in ``drained``)."""
         data = self._h2.data_to_send()
         try:
             if self._blocked:
                 if data:
                     self._wire.queue(data)
-                return
+                return True
             if self._wire.try_send(data):
-                return
+                return self._failure is not None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._fail(ConnectionLost(f"write failed: {e!r}"))
-            return
+            return True
         self._blocked = True
         self._writer_lot.unpark_all()
+        return True
 
     async def _writer(self) -> None:
         while True:
@@ -284,11 +236,11 @@ class H2Conn:
                 self._fail(ConnectionLost(f"write failed: {e!r}"))
                 return
             self._blocked = False
-            self._flush_now()
+            self.write_out()
             if not self._blocked:
                 self._drained_lot.unpark_all()
 
-    async def _wait_drained(self) -> None:
+    async def drained(self) -> None:
         """Wait until the transport holds nothing unsent (raises ConnectionLost if it fails)."""
         while self._blocked and self._failure is None:
             await self._drained_lot.park()
@@ -297,8 +249,8 @@ class H2Conn:
 
     async def _flush(self) -> None:
         """Wait until everything queued so far has been handed to the transport."""
-        self._flush_now()
-        await self._wait_drained()
+        self.write_out()
+        await self.drained()
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -322,7 +274,7 @@ class H2Conn:
                 if taken < len(data):
                     events += self._h2.receive_data(memoryview(data)[taken:] if taken else data)
             except h2.exceptions.ProtocolError as e:
-                self._flush_now()   # h2 queued a GOAWAY naming the error
+                self.write_out()   # h2 queued a GOAWAY naming the error
                 with trio.move_on_after(_GOAWAY_FLUSH_TIMEOUT):
                     await self._flush()
                 raise RemoteProtocolError(str(e) or type(e).__name__,
@@ -333,39 +285,39 @@ class H2Conn:
             if self._to_push:
                 pushing, self._to_push = self._to_push, []
                 for stream in pushing:
-                    stream._push()
-            self._flush_now()     # acks, window updates, and whatever the streams queued
+                    stream.push_to_sink()
+            self.write_out()     # acks, window updates, and whatever the streams queued
             if self._blocked and self._wire.unsent > _MAX_UNSENT:
                 # A peer that keeps sending (PINGs, SETTINGS, refused streams: each asks for
                 # an answer) but does not read: read no more until it takes our answers.
-                await self._wait_drained()
+                await self.drained()
 
     def _dispatch(self, event: h2.events.Event) -> None:
         sid = getattr(event, "stream_id", None)
         stream = self._streams.get(sid) if sid else None
         if isinstance(event, h2.events.DataReceived):
-            if stream is None or stream._closed:
-                self._ack(event.stream_id, event.flow_controlled_length)
+            if stream is None:
+                self.ack(event.stream_id, event.flow_controlled_length)
             else:
-                stream._on_data(event.data, event.flow_controlled_length)
+                stream.deliver_data(event.data, event.flow_controlled_length)
         elif isinstance(event, h2.events.RequestReceived):
             self._new_inbound(event.stream_id, event.headers)
         elif isinstance(event, h2.events.ResponseReceived):
             if stream is not None:
-                stream._on_response(event.headers)
+                stream.deliver_response(event.headers)
         elif isinstance(event, h2.events.StreamEnded):
             if stream is not None:
-                stream._on_end()
+                stream.deliver_end()
         elif isinstance(event, h2.events.StreamReset):
             if stream is not None:
-                stream._break(StreamReset(event.error_code, event.remote_reset))
+                stream.break_with(StreamReset(event.error_code, event.remote_reset))
         elif isinstance(event, h2.events.WindowUpdated):
             targets = self._streams.values() if not event.stream_id else [stream] if stream else []
             for s in targets:
-                s._send_lot.unpark_all()
+                s.window_opened()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             for s in self._streams.values():
-                s._send_lot.unpark_all()
+                s.window_opened()
             self._changed.unpark_all()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._goaway = True
@@ -373,7 +325,7 @@ class H2Conn:
             refused = ConnectionLost(f"peer sent GOAWAY ({_code_name(event.error_code)})")
             for s in list(self._streams.values()):
                 if s.stream_id > last and s.stream_id % 2 == (1 if self._h2.config.client_side else 0):
-                    s._break(refused)
+                    s.break_with(refused)
             self._changed.unpark_all()
         # Trailers, pings, priority and unknown frames need nothing from us (h2 answers pings).
 
@@ -381,11 +333,11 @@ class H2Conn:
         stream = HboneStream(self, sid)
         self._add(stream)
         if self._on_request is None or self._goaway:
-            stream._abort(h2.errors.ErrorCodes.REFUSED_STREAM)
+            stream.abort(h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         self._on_request(stream, headers)
 
-    # --- used by streams -------------------------------------------------------------------
+    # --- for streams: h2stream.Connection -------------------------------------------------
 
     def open_stream_nowait(self, headers: Headers) -> HboneStream:
         """Queue a request's HEADERS on a new stream; the caller flushes and awaits the response."""
@@ -394,48 +346,88 @@ class H2Conn:
         if self._goaway:
             raise ConnectionLost("connection is going away")
         sid = self._h2.get_next_available_stream_id()
-        try:
-            self._h2.send_headers(sid, headers)
-        except h2.exceptions.ProtocolError as e:
-            raise LocalProtocolError(str(e) or type(e).__name__) from e
+        self.queue_headers(sid, headers, False)
         stream = HboneStream(self, sid)
         self._add(stream)
-        self._flush_now()
+        self.write_out()
         return stream
 
-    def _send_window(self, sid: int) -> int:
+    def send_window(self, stream_id: int) -> int:
         try:
-            return min(self._h2.local_flow_control_window(sid), self._h2.max_outbound_frame_size * 4)
+            return min(self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size * 4)
         except h2.exceptions.StreamClosedError:
             return 0
 
-    def _ack(self, sid: int, n: int) -> None:
-        if n and self._failure is None:
-            self._h2.acknowledge_received_data(n, sid)
-            self._flush_now()
+    def queue_frame(self, stream_id: int, data: bytes) -> bool:
+        # h2 checks window and frame size before it changes any state: a refusal leaves nothing.
+        try:
+            if not (self._fast and h2fast.send_data(self._h2, stream_id, data)):
+                self._h2.send_data(stream_id, data)
+        except h2.exceptions.ProtocolError:
+            return False
+        return True
 
-    def _consumed(self, stream: HboneStream, n: int) -> None:
-        """The application read ``n`` bytes of ``stream``: acknowledge them, in batches."""
-        if self._streams.get(stream.stream_id) is not stream:
-            self._ack(stream.stream_id, n)     # finished (both ends sent END_STREAM): no batch
+    def send_frame_nowait(self, stream_id: int, data: bytes) -> bool:
+        if self._blocked or not self.queue_frame(stream_id, data):
+            return False
+        self.write_out()
+        if self._failure is not None:
+            raise ConnectionLost(str(self._failure)) from self._failure
+        return True
+
+    def queue_data(self, stream_id: int, data: memoryview) -> None:
+        frame = self._h2.max_outbound_frame_size
+        with _refused():
+            for off in range(0, len(data), frame):
+                self._h2.send_data(stream_id, bytes(data[off:off + frame]))
+
+    def queue_headers(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
+        with _refused():
+            self._h2.send_headers(stream_id, headers, end_stream=end_stream)
+
+    def queue_end_stream(self, stream_id: int) -> None:
+        with _refused():
+            self._h2.end_stream(stream_id)
+
+    def queue_reset(self, stream_id: int, error_code: int) -> None:
+        try:
+            self._h2.reset_stream(stream_id, error_code)
+        except h2.exceptions.StreamClosedError:
+            pass
+
+    def ack(self, stream_id: int, n: int) -> None:
+        if n and self._failure is None:
+            self._h2.acknowledge_received_data(n, stream_id)
+            self.write_out()
+
+    def consumed(self, stream: HboneStream, n: int) -> None:
+        """Acknowledge ``n`` bytes the application read, in batches (see _ACK_BATCH)."""
+        sid = stream.stream_id
+        if self._streams.get(sid) is not stream:
+            self.ack(sid, n)     # finished (both ends sent END_STREAM): no batch
             return
-        stream._unacked += n
+        unacked = self._unacked.get(sid, 0) + n
         self._unacked_total += n
-        if stream._unacked >= _ACK_BATCH:
-            self._unacked_total -= stream._unacked
-            n, stream._unacked = stream._unacked, 0
-            self._ack(stream.stream_id, n)
-        elif self._unacked_total >= _ACK_BATCH_CONNECTION:
-            self._ack_all()
+        if unacked >= _ACK_BATCH:
+            self._unacked[sid] = 0
+            self._unacked_total -= unacked
+            self.ack(sid, unacked)
+        else:
+            self._unacked[sid] = unacked
+            if self._unacked_total >= _ACK_BATCH_CONNECTION:
+                self._ack_all()
 
     def _ack_all(self) -> None:
         if self._failure is None:
-            for s in self._streams.values():
-                if s._unacked:
-                    self._h2.acknowledge_received_data(s._unacked, s.stream_id)
-                    s._unacked = 0
-            self._flush_now()
+            for sid, n in self._unacked.items():
+                if n:
+                    self._h2.acknowledge_received_data(n, sid)
+            self.write_out()
+        self._unacked.clear()
         self._unacked_total = 0
+
+    def push_later(self, stream: HboneStream) -> None:
+        self._to_push.append(stream)
 
     def _add(self, stream: HboneStream) -> None:
         self._streams[stream.stream_id] = stream
@@ -443,13 +435,13 @@ class H2Conn:
         if self._changed:
             self._changed.unpark_all()
 
-    def _release(self, stream: HboneStream) -> None:
-        if stream._unacked:      # the stream is done: hand its batch back to the connection
-            self._unacked_total -= stream._unacked
-            n, stream._unacked = stream._unacked, 0
-            self._ack(stream.stream_id, n)
-        if self._streams.get(stream.stream_id) is stream:
-            del self._streams[stream.stream_id]
+    def release(self, stream: HboneStream, dropped: int = 0) -> None:
+        sid = stream.stream_id
+        unacked = self._unacked.pop(sid, 0)      # the stream is done: hand its batch back
+        self._unacked_total -= unacked
+        self.ack(sid, unacked + dropped)
+        if self._streams.get(sid) is stream:
+            del self._streams[sid]
             if not self._streams:
                 self._idle_since = trio.current_time()
                 if self._idle_lot:

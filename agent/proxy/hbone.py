@@ -1,10 +1,10 @@
 """hbone.py: HBONE, Istio ambient's tunnel: HTTP/2 CONNECT over mutual TLS 1.3, port 15008.
 
-Owns the CONNECT request shape (RFC 9113 §8.5), peer SPIFFE-ID checks on TLS connections
-and the server's per-connection loop; the client's connection pool is hbone_pool.py (its
-names are importable from here too). Decides nothing: the
-server hands each request to a handler (which authorizes and connects), the client is told
-where to go and whom to expect. HTTP/2 itself lives in h2conn.py.
+Owns the CONNECT request shape (RFC 9113 §8.5), the TLS handshake and peer SPIFFE-ID checks
+and the server's per-connection loop; the client's connection pool is hbone_pool.py, which
+builds on this module (never the other way round). Decides nothing: the server hands each
+request to a handler (which authorizes and connects), the client is told where to go and whom
+to expect. HTTP/2 itself lives in h2conn.py.
 """
 from __future__ import annotations
 
@@ -16,21 +16,23 @@ from dataclasses import dataclass, field
 
 import trio
 
-from agent.proxy.h2conn import (
-    NO_ERROR, ConnectionLost, H2Conn, HboneError, HboneStream, Headers,
-    LocalProtocolError, ProtocolError, RemoteProtocolError, StreamReset,
-)
 from agent.base.constants import INBOUND_HBONE_PORT
 from agent.identity import PeerIdentityError
 from agent.identity import peer_identity as read_peer_identity
+from agent.proxy.h2conn import H2Conn
+from agent.proxy.h2errors import (
+    NO_ERROR, ConnectionLost, HboneError, Headers, LocalProtocolError, ProtocolError, RemoteProtocolError,
+    StreamReset,
+)
+from agent.proxy.h2stream import HboneStream
 from agent.proxy.tlsio import TlsTransport
 
 __all__ = [
     "HBONE_PORT", "ConnectFailed", "ConnectRefused", "ConnectRequest", "ConnectionLost",
-    "HandshakeFailed", "HboneError", "HbonePool", "HboneStream", "LocalProtocolError",
-    "PeerNotAllowed", "PoolStats", "ProtocolError", "RemoteProtocolError", "StreamReset",
-    "format_forwarded", "open_hbone_pool", "parse_authority", "parse_forwarded",
-    "peer_identity", "serve_hbone",
+    "HandshakeFailed", "HboneError", "HboneStream", "LocalProtocolError", "PeerNotAllowed",
+    "ProtocolError", "RemoteProtocolError", "StreamReset", "format_authority", "format_forwarded",
+    "handshake", "header", "parse_authority", "parse_forwarded", "peer_allowed", "peer_identity",
+    "serve_hbone",
 ]
 
 log = logging.getLogger(__name__)
@@ -154,7 +156,7 @@ def peer_identity(tls: trio.SSLStream | TlsTransport) -> str:
     return peer if isinstance(peer, str) else peer.uri
 
 
-async def _handshake(tls: trio.SSLStream | TlsTransport, address: str) -> str:
+async def handshake(tls: trio.SSLStream | TlsTransport, address: str) -> str:
     """Complete the TLS handshake, insist on h2 ALPN; the peer's identity. Raises
     HandshakeFailed, or PeerNotAllowed (no single SPIFFE URI SAN)."""
     try:
@@ -167,11 +169,13 @@ async def _handshake(tls: trio.SSLStream | TlsTransport, address: str) -> str:
     return peer_identity(tls)
 
 
-def _peer_allowed(expected: ExpectedPeer, identity: str) -> bool:
+def peer_allowed(expected: ExpectedPeer, identity: str) -> bool:
+    """Whether ``identity`` is one ``expected`` accepts (a set of SPIFFE IDs, or a predicate)."""
     return identity in expected if isinstance(expected, (set, frozenset)) else bool(expected(identity))
 
 
-def _h(name: str, value: str) -> tuple[bytes, bytes]:
+def header(name: str, value: str) -> tuple[bytes, bytes]:
+    """One HTTP/2 header field from text (latin-1, as HTTP field values are)."""
     return name.encode("latin-1"), value.encode("latin-1")
 
 
@@ -220,7 +224,7 @@ class ConnectRequest:
 async def _reject(stream: HboneStream, status: int) -> None:
     stream.send_headers_nowait([(b":status", str(status).encode())], end_stream=True)
     # The client may still be sending: RST_STREAM(NO_ERROR) tells it to stop (RFC 9113 §8.1).
-    stream._abort(NO_ERROR, reset=not stream._recv_eof)
+    stream.abort(NO_ERROR, reset=not stream.received_eof)
     await trio.lowlevel.checkpoint()
 
 
@@ -240,7 +244,7 @@ async def serve_hbone(tls_stream: trio.SSLStream,
     taken = TlsTransport.take_over(tls_stream)
     tls: trio.SSLStream | TlsTransport = taken or tls_stream
     try:
-        peer = await _handshake(tls, address)
+        peer = await handshake(tls, address)
         log.debug("HBONE connection from %s as %s", address, peer)
         error: HboneError | None = None
         async with trio.open_nursery() as nursery:
@@ -284,7 +288,7 @@ def _parse_request(stream: HboneStream, raw: Headers, peer: str) -> ConnectReque
     if status is not None:
         log.info("HBONE request from %s refused with %d: %s", peer, status, pseudo)
         stream.send_headers_nowait([(b":status", str(status).encode())], end_stream=True)
-        stream._abort(NO_ERROR, reset=not stream._recv_eof)
+        stream.abort(NO_ERROR, reset=not stream.received_eof)
         return None
     forwarded = next((v for k, v in headers if k == "forwarded"), None)
     return ConnectRequest(
@@ -313,7 +317,7 @@ async def _run_handler(handler: Callable[[ConnectRequest], Awaitable[None]],
     except Exception:
         log.exception("HBONE handler for %s from %s (%s) failed", request.authority,
                       request.peer_identity, address)
-        if request.answered is None and stream._broken is None:
+        if request.answered is None and stream.broken is None:
             try:
                 await request.reject(502)
             except (trio.BrokenResourceError, trio.ClosedResourceError, HboneError):
@@ -329,13 +333,3 @@ def _remote_address(tls: trio.SSLStream) -> str:
     except (AttributeError, OSError):
         return "?"
 
-
-_POOL_NAMES = frozenset({"HbonePool", "PoolStats", "open_hbone_pool"})
-
-
-def __getattr__(name: str):
-    """The client pool's names, from hbone_pool.py (which builds on this module)."""
-    if name in _POOL_NAMES:
-        from agent.proxy import hbone_pool
-        return getattr(hbone_pool, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 import trio
 
-from agent.proxy.h2conn import CANCEL, NO_ERROR, H2Conn, HboneError, HboneStream, Headers, RemoteProtocolError
+from agent.proxy.h2conn import H2Conn
+from agent.proxy.h2errors import CANCEL, NO_ERROR, HboneError, Headers, RemoteProtocolError
+from agent.proxy.h2stream import HboneStream
 from agent.proxy.hbone import (
     ConnectFailed, Connector, ConnectRefused, ExpectedPeer, PeerNotAllowed,
-    _h, _handshake, _peer_allowed, format_authority, format_forwarded, parse_authority,
+    format_authority, format_forwarded, handshake, header, parse_authority, peer_allowed,
 )
 from agent.proxy.relay import open_marked_tcp_stream
 from agent.proxy.tlsio import TlsTransport
@@ -82,17 +84,17 @@ class HbonePool:
         conn = await self._checkout(key, ssl_context, expected_peer)
         # No checkpoint between choosing the connection and taking its slot.
         stream = conn.open_stream_nowait([
-            _h(":method", "CONNECT"), _h(":authority", format_authority(ip, port)),
-            _h("forwarded", format_forwarded(forwarded_for)),
+            header(":method", "CONNECT"), header(":authority", format_authority(ip, port)),
+            header("forwarded", format_forwarded(forwarded_for)),
         ])
         try:
             response = await stream.wait_response()
         except BaseException:
-            stream._abort(CANCEL)
+            stream.abort(CANCEL)
             raise
         status = _status(response)
         if status != 200:
-            stream._abort(NO_ERROR if stream._recv_eof else CANCEL)
+            stream.abort(NO_ERROR if stream.received_eof else CANCEL)
             raise ConnectRefused(status)
         return stream
 
@@ -129,8 +131,8 @@ class HbonePool:
             raise ConnectFailed(address, repr(e)) from e
         tls = TlsTransport.over(tcp, ssl_context, server_side=False)
         try:
-            identity = await _handshake(tls, address)
-            if not _peer_allowed(expected_peer, identity):
+            identity = await handshake(tls, address)
+            if not peer_allowed(expected_peer, identity):
                 raise PeerNotAllowed(identity, f"not the identity expected at {address}")
         except BaseException:
             await trio.aclose_forcefully(tls)

@@ -22,7 +22,8 @@ from agent.identity import IdentityError, IdentityManager
 from agent.observe.record import ConnRecord
 from agent.proxy import ProxyError
 from agent.proxy.delivery import Delivery, Denied, OrigDst
-from agent.proxy.hbone import ConnectRefused, HboneError, HbonePool, open_hbone_pool
+from agent.proxy.hbone import ConnectRefused, HboneError
+from agent.proxy.hbone_pool import HbonePool, open_hbone_pool
 from agent.proxy.relay import RelayCounters, RelayError, abort
 from agent.state.snapshot import Endpoint, Snapshot
 from controller.api import Workload

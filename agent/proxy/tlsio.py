@@ -6,7 +6,8 @@ the kernel takes them, so a caller can write from its own task without a hand-of
 can never be half-cancelled; ``finish_send`` completes what the kernel could not take at once.
 Knows nothing of HTTP/2 or identities: certificate checks are the context's and the caller's.
 (trio.SSLStream does the same job as a Python state machine; per small record it costs several
-times more CPU.)
+times more CPU.) ``Wire`` names that write interface for its users (h2conn); ``StreamWire``
+gives it to any trio stream, every write then going through ``finish_send``.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import socket
 import ssl
 import threading
+from typing import Protocol
 
 import trio
 
@@ -32,6 +34,45 @@ def _read_buffers() -> tuple[memoryview, memoryview]:
     except AttributeError:
         _scratch.views = (memoryview(bytearray(_RECV_SIZE)), memoryview(bytearray(_RECV_SIZE)))
         return _scratch.views
+
+
+class Wire(Protocol):
+    """A transport written synchronously where the kernel allows (TlsTransport, StreamWire)."""
+
+    def try_send(self, data: bytes) -> bool: ...      # sync; False: finish_send must run
+    def queue(self, data: bytes) -> None: ...         # sync; sent by the next finish_send
+    async def finish_send(self) -> None: ...
+    async def receive_some(self, max_bytes: int | None = None) -> bytes: ...
+    @property
+    def unsent(self) -> int: ...                      # bytes queued, not yet taken by the kernel
+
+
+class StreamWire:
+    """A trio stream as a Wire: every write goes through ``finish_send``."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._pending = bytearray()
+
+    @property
+    def unsent(self) -> int:
+        return len(self._pending)
+
+    def queue(self, data: bytes) -> None:
+        self._pending += data
+
+    def try_send(self, data: bytes) -> bool:
+        self._pending += data
+        return not self._pending
+
+    async def finish_send(self) -> None:
+        while self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            await self._stream.send_all(data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._stream.receive_some(max_bytes)
 
 
 class TlsTransport:

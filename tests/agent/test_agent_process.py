@@ -25,7 +25,8 @@ import pytest
 import trio
 
 from agent.base.netns import connect_in, listen_in
-from agent.proxy.hbone import ConnectRefused, open_hbone_pool
+from agent.proxy.hbone import ConnectRefused
+from agent.proxy.hbone_pool import open_hbone_pool
 from controller import pki
 from tests.controller.conftest import free_port
 from tests.controller.test_controller_process import Controller, nodemesh

@@ -6,7 +6,8 @@ import trio
 import trio.testing
 
 from agent.proxy import h2conn
-from agent.proxy.h2conn import _ACK_BATCH, CANCEL, CONNECTION_WINDOW, STREAM_WINDOW, H2Conn, StreamReset
+from agent.proxy.h2conn import _ACK_BATCH, CONNECTION_WINDOW, STREAM_WINDOW, H2Conn
+from agent.proxy.h2errors import CANCEL, StreamReset
 
 MiB = 1024 * 1024
 CONNECT = [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80")]
@@ -190,7 +191,7 @@ async def test_window_updates_are_batched_and_flow_control_still_holds(pair, mon
 async def test_a_reset_stream_gives_its_unread_bytes_back_to_the_connection(nursery):
     async def flood_then_reset(stream):
         await stream.send_all(b"z" * (3 * MiB))
-        stream._abort(CANCEL)            # RST_STREAM with 3 MiB unread at the client
+        stream.abort(CANCEL)            # RST_STREAM with 3 MiB unread at the client
 
     p = Pair(nursery, on_stream=flood_then_reset)
     await p.start()
@@ -201,7 +202,7 @@ async def test_a_reset_stream_gives_its_unread_bytes_back_to_the_connection(nurs
         for _ in range(6):
             stream = await p.open()
             await trio.testing.wait_all_tasks_blocked()
-            assert isinstance(stream._broken, StreamReset)
+            assert isinstance(stream.broken, StreamReset)
             with pytest.raises(trio.BrokenResourceError):
                 await stream.receive_some()
             await stream.aclose()
@@ -224,7 +225,7 @@ async def test_data_read_after_the_stream_finished_is_still_acknowledged(nursery
         while data := await stream.receive_some(1000):
             got += len(data)
     assert got == 100 * 1024
-    assert stream._unacked == 0 and p.client._unacked_total == 0
+    assert p.client._unacked.get(stream.stream_id, 0) == 0 and p.client._unacked_total == 0
 
 
 async def test_a_peer_that_sends_but_never_reads_is_no_longer_read(pair, monkeypatch):
@@ -235,7 +236,7 @@ async def test_a_peer_that_sends_but_never_reads_is_no_longer_read(pair, monkeyp
     pair.server_wire.block()
     for i in range(20_000):                               # 340 KB of PINGs: more than one read
         pair.client._h2.ping(i.to_bytes(8, "big"))
-    pair.client._flush_now()
+    pair.client.write_out()
     await trio.testing.wait_all_tasks_blocked()
     assert pair.server_wire.inbox                         # the rest is left unread...
     assert pair.server_wire.unsent <= 256 * 1024          # ...answers to one read at most

@@ -11,9 +11,10 @@ import pytest
 import trio
 import trio.testing
 
-from agent.proxy import hbone
-from agent.proxy.h2conn import CANCEL, STREAM_WINDOW, H2Conn
 from agent.base.constants import PROXY_MARK
+from agent.proxy import hbone, hbone_pool
+from agent.proxy.h2conn import STREAM_WINDOW, H2Conn
+from agent.proxy.h2errors import CANCEL
 from agent.proxy.relay import RelayError, open_marked_tcp_stream
 from tests.agent.proxy.conftest import (
     CLIENT_ID, SERVER_ID, Pki, spiffe, start_hbone_server, start_tcp_server,
@@ -45,7 +46,7 @@ async def receive_all(stream) -> bytes:
 
 async def test_request_crosses_the_tunnel_with_identity_authority_and_source(server, echo_port, client_ctx):
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             stream = await pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx))
             await stream.send_all(b"hello through the tunnel")
             assert await receive_exactly(stream, 24) == b"hello through the tunnel"
@@ -78,25 +79,25 @@ async def test_fifty_concurrent_streams_share_one_tls_connection(server, echo_po
         await stream.aclose()
 
     with trio.fail_after(20):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             async with trio.open_nursery() as nursery:
                 for i in range(50):
                     nursery.start_soon(one, pool, i)
-            assert pool.stats() == hbone.PoolStats(connections=1, streams=0)
-    assert seen_stats == [hbone.PoolStats(connections=1, streams=50)]
+            assert pool.stats() == hbone_pool.PoolStats(connections=1, streams=0)
+    assert seen_stats == [hbone_pool.PoolStats(connections=1, streams=50)]
     assert server.tcp_accepted == 1
     assert len(server.requests) == 50
 
 
 async def test_a_full_connection_makes_the_pool_dial_another(server, echo_port, client_ctx):
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool(max_streams_per_connection=2) as pool:
+        async with hbone_pool.open_hbone_pool(max_streams_per_connection=2) as pool:
             streams = [await pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx))
                        for _ in range(3)]
-            assert pool.stats() == hbone.PoolStats(connections=2, streams=3)
+            assert pool.stats() == hbone_pool.PoolStats(connections=2, streams=3)
             await streams[0].aclose()
             streams.append(await pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx)))
-            assert pool.stats() == hbone.PoolStats(connections=2, streams=3)
+            assert pool.stats() == hbone_pool.PoolStats(connections=2, streams=3)
             # Another source identity never shares a connection.
             other = await pool.open(f"127.0.0.1:{echo_port}",
                                     **{**open_args(server, client_ctx), "source_identity": spiffe("ops", "x")})
@@ -108,13 +109,13 @@ async def test_a_full_connection_makes_the_pool_dial_another(server, echo_port, 
 
 async def test_idle_connection_is_closed_and_forgotten(server, echo_port, client_ctx):
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool(idle_timeout=0.05) as pool:
+        async with hbone_pool.open_hbone_pool(idle_timeout=0.05) as pool:
             stream = await pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx))
             await stream.send_eof()
             assert await receive_all(stream) == b""
             await stream.aclose()
             await server.wait_for(lambda: server.connections_ended == 1)
-            assert pool.stats() == hbone.PoolStats(connections=0, streams=0)
+            assert pool.stats() == hbone_pool.PoolStats(connections=0, streams=0)
 
 
 async def _bulk(stream, size: int) -> None:
@@ -141,7 +142,7 @@ async def _bulk(stream, size: int) -> None:
 
 async def test_twenty_mib_each_way_through_one_stream(server, echo_port, client_ctx):
     with trio.fail_after(60):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             stream = await pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx))
             await _bulk(stream, 20 * MiB)
     [server_stream] = server.streams
@@ -151,7 +152,7 @@ async def test_twenty_mib_each_way_through_one_stream(server, echo_port, client_
 
 async def test_twenty_mib_each_way_across_several_streams(server, echo_port, client_ctx):
     with trio.fail_after(60):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             streams = [await pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx))
                        for _ in range(4)]
             async with trio.open_nursery() as nursery:
@@ -178,7 +179,7 @@ async def test_a_reader_that_does_not_read_stops_the_sender_at_one_window(server
     sent = 0
     chunk = b"x" * (64 * 1024)
     with trio.fail_after(20):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             stream = await pool.open("127.0.0.1:9", **open_args(server, client_ctx))
 
             async def sender():
@@ -213,7 +214,7 @@ async def test_half_close_from_the_client_lets_the_upstream_still_reply(nursery,
 
     port = await start_tcp_server(nursery, count_then_reply)
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             stream = await pool.open(f"127.0.0.1:{port}", **open_args(server, client_ctx))
             await stream.send_all(b"a" * 100_000)
             await stream.send_eof()
@@ -235,7 +236,7 @@ async def test_half_close_from_the_upstream_lets_the_client_still_send(nursery, 
 
     port = await start_tcp_server(nursery, greet_then_listen)
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             stream = await pool.open(f"127.0.0.1:{port}", **open_args(server, client_ctx))
             assert await receive_all(stream) == b"banner"    # END_STREAM arrived
             await stream.send_all(b"still talking")
@@ -254,7 +255,7 @@ async def test_upstream_abort_resets_the_client_stream(nursery, server, client_c
 
     port = await start_tcp_server(nursery, abort_after_first_bytes)
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             stream = await pool.open(f"127.0.0.1:{port}", **open_args(server, client_ctx))
             await stream.send_all(b"hello")
             with pytest.raises(trio.BrokenResourceError) as e:
@@ -264,7 +265,7 @@ async def test_upstream_abort_resets_the_client_stream(nursery, server, client_c
             with pytest.raises(trio.BrokenResourceError):
                 await stream.send_all(b"more")
             await stream.aclose()
-            assert pool.stats() == hbone.PoolStats(connections=1, streams=0)
+            assert pool.stats() == hbone_pool.PoolStats(connections=1, streams=0)
     [err] = server.relay_errors
     assert err.direction == "b_to_a"
 
@@ -284,7 +285,7 @@ async def test_client_close_mid_transfer_resets_the_server_stream_and_the_upstre
 
     port = await start_tcp_server(nursery, firehose)
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             stream = await pool.open(f"127.0.0.1:{port}", **open_args(server, client_ctx))
             await receive_exactly(stream, 100_000)
             await stream.aclose()                              # RST_STREAM(CANCEL)
@@ -306,11 +307,11 @@ async def test_reject_403_is_connect_refused_and_the_connection_lives_on(server,
 
     server.handler = deny_first
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             with pytest.raises(hbone.ConnectRefused) as e:
                 await pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx))
             assert e.value.status == 403
-            assert pool.stats() == hbone.PoolStats(connections=1, streams=0)
+            assert pool.stats() == hbone_pool.PoolStats(connections=1, streams=0)
             stream = await pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx))
             await stream.send_all(b"ok")
             assert await receive_exactly(stream, 2) == b"ok"
@@ -330,7 +331,7 @@ async def test_handler_that_does_not_answer_gives_502_and_one_bad_stream_spares_
 
     server.handler = bad_then_good
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             with pytest.raises(hbone.ConnectRefused) as e:
                 await pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx))
             assert e.value.status == 502
@@ -344,7 +345,7 @@ async def test_handler_that_does_not_answer_gives_502_and_one_bad_stream_spares_
 
 async def test_unexpected_server_identity_is_peer_not_allowed(server, echo_port, client_ctx):
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             for expected in ({spiffe("shop", "db")}, lambda peer: peer.endswith("/sa/db")):
                 with pytest.raises(hbone.PeerNotAllowed) as e:
                     await pool.open(f"127.0.0.1:{echo_port}",
@@ -363,7 +364,7 @@ async def test_client_certificate_from_another_ca_fails_the_handshake(server, ec
     rogue_ctx = rogue.context(CLIENT_ID, server=False, trust=ca)    # trusts the server, not trusted back
     caplog.set_level(logging.INFO, logger="agent.proxy.hbone")
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             with pytest.raises(hbone.HboneError):
                 await pool.open(f"127.0.0.1:{echo_port}", **open_args(server, rogue_ctx))
             await server.wait_for(lambda: server.connections_ended == 1)
@@ -375,7 +376,7 @@ async def test_client_certificate_from_another_ca_fails_the_handshake(server, ec
 async def test_server_without_h2_alpn_fails_clearly(nursery, ca, echo_port, client_ctx):
     http1 = await start_hbone_server(nursery, ca.context(SERVER_ID, server=True, alpn=["http/1.1"]))
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             with pytest.raises(hbone.HandshakeFailed, match="ALPN"):
                 await pool.open(f"127.0.0.1:{echo_port}", **open_args(http1, client_ctx))
 
@@ -399,7 +400,7 @@ async def test_unreachable_node_is_connect_failed_for_every_waiter(client_ctx):
             errors.append(e)
 
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool(connect=refusing_connect) as pool:
+        async with hbone_pool.open_hbone_pool(connect=refusing_connect) as pool:
             async with trio.open_nursery() as n:
                 for _ in range(5):
                     n.start_soon(attempt, pool)
@@ -490,7 +491,7 @@ async def test_the_callers_tcp_stream_still_knows_the_peer_while_serving(nursery
 
     port = await start_tcp_server(nursery, serve)
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             with pytest.raises(hbone.ConnectRefused):
                 await pool.open(f"127.0.0.1:{echo_port}", node_address=("127.0.0.1", port),
                                 source_identity=CLIENT_ID, expected_peer={SERVER_ID},
@@ -513,7 +514,7 @@ async def test_a_stream_reset_before_it_is_answered_stops_its_handler(server, ec
 
     server.handler = slow
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lambda: pool.open(f"127.0.0.1:{echo_port}", **open_args(server, client_ctx)))
                 await started.wait()

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from agent.proxy import hbone
+from agent.proxy import hbone, hbone_pool
 from agent.proxy.relay import RelayCounters, RelayError, open_marked_tcp_stream, relay
 from tests.agent.proxy.conftest import SERVER_ID, start_tcp_server
 from tests.agent.proxy.test_h2conn import pair  # noqa: F401  (a fixture)
@@ -65,7 +65,7 @@ async def test_a_waiting_receiver_is_not_woken_what_its_sink_takes_counts_as_rea
             await trio.testing.wait_all_tasks_blocked()
         assert sink.offers == [bytes([i]) * 1000 for i in range(3)]
         assert read == b"" and server_stream._buffered == 0
-        assert server_stream._unacked == 3000          # read, acknowledged in a batch later
+        assert pair.server._unacked[server_stream.stream_id] == 3000          # read, acknowledged in a batch later
         await stream.send_eof()
     assert read == b""
     assert server_stream._sink is None
@@ -89,7 +89,7 @@ async def test_frames_of_one_read_are_offered_in_one_piece(pair):
         h2 = pair.client._h2
         h2.send_data(stream.stream_id, b"a" * 10)
         h2.send_data(stream.stream_id, b"b" * 10)
-        pair.client._flush_now()                        # two DATA frames, one write
+        pair.client.write_out()                        # two DATA frames, one write
         await trio.testing.wait_all_tasks_blocked()
         await stream.send_eof()
     assert sink.offers == [b"a" * 10 + b"b" * 10]
@@ -120,7 +120,7 @@ async def test_send_nowait_sends_at_once_or_sends_nothing(pair):
     assert pair.client_wire.unsent == 9 + 10
     pair.client_wire.unblock()
     await stream.send_all(b"z" * 10)
-    too_big = b"w" * (pair.client._send_window(stream.stream_id) + 1)
+    too_big = b"w" * (pair.client.send_window(stream.stream_id) + 1)
     assert not stream.send_nowait(too_big)             # beyond the window: send_all's job
     read = bytearray()
     while len(read) < 1020:
@@ -178,7 +178,7 @@ async def test_a_slow_tcp_consumer_holds_the_sender_back_and_loses_nothing(nurse
     payload = os.urandom(total)           # random: a lost or reordered chunk shows
     sent = 0
     with trio.fail_after(30):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             stream = await pool.open("127.0.0.1:9", **kw)
 
             async def sender():
@@ -211,7 +211,7 @@ async def test_request_response_counts_are_exact_both_ways(nursery, ca, client_c
 
     kw, counters, errors = await _tunnel(nursery, ca, client_ctx, echo)
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             stream = await pool.open("127.0.0.1:9", **kw)
             for i in range(200):
                 message = bytes([i % 256]) * (1 + i * 37)
@@ -237,7 +237,7 @@ async def test_an_upstream_reset_during_inline_delivery_is_a_relay_error(nursery
 
     kw, counters, errors = await _tunnel(nursery, ca, client_ctx, resetting)
     with trio.fail_after(10):
-        async with hbone.open_hbone_pool() as pool:
+        async with hbone_pool.open_hbone_pool() as pool:
             stream = await pool.open("127.0.0.1:9", **kw)
             with pytest.raises(trio.BrokenResourceError):
                 for _ in range(1000):
