@@ -6,7 +6,9 @@ a DATA frame without padding on an open stream, and for it the same state change
 h2 4.x's ``H2Connection.send_data`` and ``_receive_data_frame`` make: its state machines, its
 flow-control windows and window managers, its events. Every other frame, and every case h2
 would refuse, is left to h2 itself. Knows nothing of our streams' buffers or of the transport.
-Tied to h2 4.x internals; ``usable`` says whether they are there (else h2 does it all).
+Tied to h2 internals, so pinned: ``usable`` is true only for the h2 versions in ``TESTED``
+(those tests/agent/proxy/test_h2fast.py was run against) with the internals in place; with any
+other h2, H2Conn leaves every frame to h2. BENCHMARKS.md ("HBONE data path") has its figure.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from h2.connection import ConnectionInputs, H2Connection
 from h2.events import Event
 from h2.stream import StreamInputs, StreamState
 
+TESTED = frozenset({"4.4.1"})     # h2 versions the differential tests passed with
+
 _HEADER = struct.Struct(">HBBBL")     # 24-bit length as 16 + 8 bits, type, flags, stream id
 _DATA = 0x0
 _END_STREAM = 0x1
@@ -26,9 +30,9 @@ _CAN_RECEIVE = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 
 
 def usable(conn: H2Connection) -> bool:
-    """Whether ``conn`` has the h2 internals these functions use."""
+    """Whether ``conn`` is from a tested h2 and has the internals these functions use."""
     buf = getattr(conn, "incoming_buffer", None)
-    return (h2.__version__.startswith("4.") and isinstance(getattr(conn, "_data_to_send", None), bytearray)
+    return (h2.__version__ in TESTED and isinstance(getattr(conn, "_data_to_send", None), bytearray)
             and all(hasattr(buf, a) for a in ("_data", "_preamble_len", "_headers_buffer"))
             and all(hasattr(conn, a) for a in ("_inbound_flow_control_window_manager",
                                                 "_terminate_connection", "state_machine")))

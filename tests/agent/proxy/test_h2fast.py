@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import h2
 import h2.config
 import h2.connection
 import h2.exceptions
@@ -166,3 +167,40 @@ def test_sending_is_the_same_as_h2s_and_refusals_change_nothing():
 def test_the_connection_uses_it():
     c, s = _pair()
     assert h2fast.usable(c) and h2fast.usable(s)
+
+
+@pytest.mark.parametrize("version", ["4.1.0", "4.9.0", "5.0.0"])
+def test_an_untested_h2_is_left_to_itself(monkeypatch, version):
+    monkeypatch.setattr(h2, "__version__", version)
+    c, s = _pair()
+    assert not h2fast.usable(c) and not h2fast.usable(s)
+
+
+async def test_the_connection_falls_back_to_plain_h2(monkeypatch, nursery):
+    from tests.agent.proxy.test_h2conn import Pair
+    monkeypatch.setattr(h2, "__version__", "4.0.0")
+    calls = []
+    for name in ("send_data", "receive_data"):
+        real = getattr(h2fast, name)
+        monkeypatch.setattr(h2fast, name, lambda *a, real=real, name=name: (calls.append(name), real(*a))[1])
+    received = []
+
+    async def echo(stream) -> None:
+        while data := await stream.receive_some():
+            received.append(data)
+            await stream.send_all(data)
+        await stream.send_eof()
+
+    pair = Pair(nursery, on_stream=echo)
+    await pair.start()
+    assert not pair.client._fast and not pair.server._fast
+    stream = await pair.open()
+    for i in range(3):
+        await stream.send_all(bytes([i]) * 1000)
+        assert await stream.receive_some() == bytes([i]) * 1000
+        assert stream.send_nowait(b"n" * 10)
+        assert await stream.receive_some() == b"n" * 10
+    await stream.send_eof()
+    assert await stream.receive_some() == b""
+    assert b"".join(received) == b"".join(bytes([i]) * 1000 + b"n" * 10 for i in range(3))
+    assert calls == []          # h2 did it all
