@@ -1,4 +1,4 @@
-"""agent/redirect/netns.py against real network namespaces: sockets made from the host namespace
+"""agent/base/netns.py against real network namespaces: sockets made from the host namespace
 live in the pod's, carry the proxy's mark, and fail with errors that say what to check.
 
 Every namespace is ``nmt-<random>``, made by ``ip netns add`` and deleted by the ``netns_lab``
