@@ -60,6 +60,8 @@ class Api:
                     auth.authorize(caller, needed)
                 response = await handler(req, caller)
             else:
+                if caller == auth.ANONYMOUS:   # authenticate before routing: no 404/405 to strangers
+                    auth.authorize(caller, auth.Verb.READ)
                 verb, handler, args = self._route(req)
                 auth.authorize(caller, auth.Verb.READ if verb in ("list", "get", "watch", "discovery") else auth.Verb.WRITE)
                 response = await handler(req, caller, *args)

@@ -104,8 +104,15 @@ async def test_without_a_certificate_nothing_is_served(controller):
             await trio.to_thread.run_sync(call)
         assert e.value.code == 401
     # The health check is the one thing open to anyone.
-    r = await trio.to_thread.run_sync(lambda: httpx.get(f"{controller.url}/healthz", verify=ssl.create_default_context(cafile=str(controller.d.bundle))))
+    verify = ssl.create_default_context(cafile=str(controller.d.bundle))
+    r = await trio.to_thread.run_sync(lambda: httpx.get(f"{controller.url}/healthz", verify=verify))
     assert r.status_code == 200
+    # Authentication comes before routing: an unknown path or a wrong method tells a stranger
+    # nothing (401, not 404 or 405).
+    for method, path in (("POST", "/apis/nodemesh.io/v1alpha1/no-such-thing"), ("GET", "/nowhere"),
+                         ("PUT", "/apis/nodemesh.io/v1alpha1/apply")):
+        r = await trio.to_thread.run_sync(lambda: httpx.request(method, controller.url + path, verify=verify))
+        assert r.status_code == 401, (method, path, r.status_code, r.text)
 
 
 async def test_certificate_from_another_ca_is_refused_at_the_handshake(controller, tmp_path):
