@@ -20,6 +20,7 @@ import trio
 log = logging.getLogger("nodemesh.httpd")
 
 MAX_BODY = 16 * 1024 * 1024
+ANONYMOUS_MAX_BODY = 64 * 1024   # a caller without a client certificate can only join: a CSR and a token
 IDLE_TIMEOUT = 60.0
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -71,16 +72,20 @@ class StreamResponse:
 class HttpError(Exception):
     """An error the handler answers with a Kubernetes-style Status object."""
 
-    def __init__(self, code: int, reason: str, message: str, details: dict | None = None):
+    def __init__(self, code: int, reason: str, message: str, details: dict | None = None,
+                 headers: list[tuple[str, str]] | None = None):
         super().__init__(message)
         self.code, self.reason, self.message, self.details = code, reason, message, details
+        self.headers = headers or []
 
     def response(self) -> Response:
         status = {"apiVersion": "v1", "kind": "Status", "status": "Failure",
                   "code": self.code, "reason": self.reason, "message": self.message}
         if self.details:
             status["details"] = self.details
-        return Response.json(self.code, status)
+        r = Response.json(self.code, status)
+        r.headers = list(self.headers)
+        return r
 
 
 Handler = Callable[[Request], Awaitable["Response | StreamResponse"]]
@@ -168,8 +173,10 @@ async def _read_request(conn, stream, peer_cert, peer_addr) -> Request | None:
                 head = event
             elif isinstance(event, h11.Data):
                 body += event.data
-                if len(body) > MAX_BODY:
-                    raise _Reject(413, f"request body larger than {MAX_BODY} bytes")
+                limit = MAX_BODY if peer_cert else ANONYMOUS_MAX_BODY
+                if len(body) > limit:
+                    raise _Reject(413, f"request body larger than {limit} bytes"
+                                       + ("" if peer_cert else " (without a client certificate)"))
             elif isinstance(event, h11.EndOfMessage):
                 break
     target = head.target.decode("latin-1")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import trio
@@ -22,6 +22,7 @@ from controller.api.spiffe import node_uri
 from controller.ca import CertificateAuthority
 from controller.httpd import HttpError, Request, Response
 from controller.ledger import Issued, Ledger, NodeStatus, TokenRefused
+from controller.ratelimit import PerSource
 from controller.store import Store
 
 log = logging.getLogger("nodemesh.identity")
@@ -30,6 +31,7 @@ NODE_CERT_TTL = dt.timedelta(days=7)
 DEFAULT_TOKEN_TTL = 3600.0
 DEFAULT_PROPAGATION = 60.0   # s; agents refresh their trust bundle every 30 s
 MAX_TOKEN_TTL = 7 * 86400.0
+JOIN_BURST, JOIN_RATE = 20, 1 / 3   # join attempts per source address: 20 at once, then one per 3 s
 
 
 def utcnow() -> dt.datetime:
@@ -45,6 +47,7 @@ class IdentityApi:
     store: Store
     on_rotate: Callable[[], None] = lambda: None
     now: Callable[[], dt.datetime] = utcnow
+    joins: PerSource = field(default_factory=lambda: PerSource(rate=JOIN_RATE, burst=JOIN_BURST))
 
     @property
     def trust_domain(self) -> str:
@@ -79,6 +82,12 @@ class IdentityApi:
         return Response.json(200, {"token": token, "node": node, "expires": _iso(expires)})
 
     async def join(self, req: Request, caller: auth.Caller) -> Response:
+        source = req.peer_addr.rsplit(":", 1)[0]   # the address, not the connection
+        wait = self.joins.allow(source, self.now().timestamp())
+        if wait is not None:   # before any work: a token guesser gets nothing but this
+            log.warning("join from %s refused: too many attempts", source)
+            raise HttpError(429, "TooManyRequests", f"too many join attempts from {source}; "
+                                                    f"retry in {wait:.0f}s", headers=[("retry-after", str(int(wait) + 1))])
         body = _object(req)
         token, csr_pem = body.get("token"), body.get("csr")
         if not isinstance(token, str) or not isinstance(csr_pem, str):

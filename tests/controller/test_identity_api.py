@@ -12,6 +12,8 @@ from cryptography import x509
 
 from controller import client, ledger, pki
 from controller.api.spiffe import node_uri
+from controller.identity_api import JOIN_BURST
+from controller.ratelimit import PerSource
 from tests.controller.test_api_server import MESH
 
 PREFIX = "/apis/nodemesh.io/v1alpha1"
@@ -293,3 +295,33 @@ async def test_a_new_root_is_trusted_before_it_signs(controller, tmp_path):
     with pytest.raises(client.ApiStatusError) as e:
         await controller.call(c.rotate_ca, 0)
     assert e.value.code == 409 and "already under way" in str(e.value)
+
+
+async def test_join_attempts_are_rate_limited_per_source_address(controller):
+    """A token guesser gets 429 with Retry-After once its address has used its burst; another
+    address is not held back by it."""
+    ctx = ssl.create_default_context(cafile=str(controller.d.bundle))
+
+    def attempt(source: str) -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source, verify=ctx)) as c:
+            return c.post(controller.url + PREFIX + "/join", json={"token": "guess", "csr": "x"})
+
+    codes = [(await trio.to_thread.run_sync(attempt, "127.0.0.1")).status_code for _ in range(JOIN_BURST)]
+    assert 429 not in codes, codes                      # the burst is served (and refused on its merits)
+    r = await trio.to_thread.run_sync(attempt, "127.0.0.1")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, (r.status_code, r.text)
+    assert "too many join attempts from 127.0.0.1" in r.json()["message"]
+    assert (await trio.to_thread.run_sync(attempt, "127.0.0.2")).status_code != 429
+
+
+def test_per_source_buckets_refill_at_their_rate():
+    b = PerSource(rate=0.5, burst=2)
+    assert b.allow("a", 0.0) is None and b.allow("a", 0.0) is None
+    assert b.allow("a", 0.0) == pytest.approx(2.0)     # one token takes 2 s at 0.5/s
+    assert b.allow("b", 0.0) is None                    # another source has its own bucket
+    assert b.allow("a", 1.0) == pytest.approx(1.0)
+    assert b.allow("a", 2.0) is None
+    small = PerSource(rate=1.0, burst=1, max_keys=2)
+    for i, key in enumerate("xyz"):
+        assert small.allow(key, float(i)) is None
+    assert len(small._buckets) <= 2                     # quiet or oldest sources are forgotten
