@@ -61,7 +61,7 @@ class OutboundDecider:
         snapshot's view of ``source``. Raises ``NoRoute``."""
         plans, _ = self._tables(snap)
         src = snap.workload(source.metadata.namespace, source.metadata.name) or source
-        key = (id(src), ip, port)
+        key = (id(src), ip, port, self.passthrough)
         found = plans.get(key)
         if found is None or found.source is not src:
             if len(plans) >= MEMO_SIZE:
