@@ -18,7 +18,7 @@ from agent.base.netns import ConnectError, ListenError, connect_in, listen_in, n
 from agent.proxy.listeners import Handlers, Listeners, WorkloadListeners
 from agent.state.snapshot import Snapshot
 from controller.api import Workload, from_dict
-from tests.agent.test_netns import netns_lab  # noqa: F401 (pytest fixture)
+from tests.agent.base.test_netns import netns_lab  # noqa: F401 (pytest fixture)
 
 PORTS = (15001, 15006, 15008)
 NODE = "node-1"

@@ -25,7 +25,7 @@ from agent.proxy.outbound import Outbound, Pools
 from agent.state.snapshot import Snapshot, StateHolder
 from agent.sync.client import ControlPlane
 from controller import api as capi
-from tests.agent.test_sync import joined_controlplane
+from tests.agent.sync.test_follow import joined_controlplane
 from tests.controller.conftest import free_port
 
 VIP, LOCAL_VIP = "10.96.0.10", "10.96.0.11"

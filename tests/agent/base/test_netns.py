@@ -332,6 +332,6 @@ def test_a_socket_in_a_pod_costs_no_pyroute2_import(netns_lab):
             "assert netns_cookie(s) != netns_cookie(host), 'not in the pod'; "
             "print('pyroute2' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -13,7 +13,7 @@ import trio.testing
 from agent.sync.follow import Decoder, Rejected, _Saver
 from agent.sync.snapshot_file import Resources, SnapshotFile, load, save
 from bench.config_scale import objects
-from tests.agent.test_delta import check_same
+from tests.agent.state.test_delta import check_same
 
 
 def event(kind: str, obj: dict, rv: int) -> dict:
