@@ -1,28 +1,29 @@
 """Validate one decoded document (a dict) and build its resource: ``from_dict``.
 
-Owns the validation rules of every kind and the field paths they report. Knows nothing of
-YAML, JSON or files: it takes what a decoder produced and returns a resource or raises
-``ManifestError`` listing every problem in the document.
+Owns the field paths and the wording of every problem, and the rules of Mesh (those of
+AuthorizationPolicy are ``decode_policy.py``'s); the rules it shares with the fast path
+(``decode_fast.py``, tried first) are ``rules.py``'s. Knows nothing of YAML, JSON or files: it
+takes what a decoder produced and returns a resource or raises ``ManifestError`` listing every
+problem in the document.
 """
 from __future__ import annotations
 
-import posixpath
 from typing import Any
 
 from controller.api import fields as f
+from controller.api import rules as r
+from controller.api.decode_fast import fast_decode
 from controller.api.decode_policy import policy_spec
 from controller.api.duration import parse_duration
-from controller.api.errors import FieldError, InvalidDuration, ManifestError, Problem
-from controller.api.meta import ObjectMeta, dns_label_error, dns_subdomain_error
+from controller.api.errors import FieldError, InvalidDuration, ManifestError, Problem, shown
+from controller.api.meta import ObjectMeta
 from controller.api.resources import (
-    API_VERSION, AuthorizationPolicy, LoadBalancer, Locality, Mesh, MeshSpec, Resource, Service,
-    ServicePort, ServiceSpec, Workload, WorkloadSpec)
+    API_VERSION, NO_LOCALITY, AuthorizationPolicy, LoadBalancer, Locality, Mesh, MeshSpec, Resource,
+    Service, ServicePort, ServiceSpec, Workload, WorkloadSpec)
 from controller.api.spiffe import trust_domain_error
 
 Errs = list[FieldError]
 _CLASSES: dict[str, type] = {c.kind: c for c in (Mesh, Workload, Service, AuthorizationPolicy)}
-_TOP = ("apiVersion", "kind", "metadata", "spec")
-_META = ("name", "namespace", "labels", "annotations", "uid", "resourceVersion", "creationTimestamp")
 _MIN_TTL, _MAX_TTL = 600.0, 8760 * 3600.0
 
 
@@ -54,7 +55,7 @@ def decode_document(doc: object, *, default_namespace: str = "default",
                   "a mapping with apiVersion, kind, metadata and spec")
     if m is None:
         return None, "document", errs
-    f.check_fields(m, path, _TOP, errs)
+    f.check_fields(m, path, r.TOP_FIELDS, errs)
     api_version = m.get("apiVersion")       # the common, valid case first; get_str explains the rest
     if api_version != API_VERSION:
         api_version = f.get_str(m, "apiVersion", path, errs, check=_api_version_error)
@@ -83,7 +84,7 @@ def decode_document(doc: object, *, default_namespace: str = "default",
 
 
 def _api_version_error(s: str) -> str | None:
-    return None if s == API_VERSION else f"must be {API_VERSION!r}, got {f.shown(s)}"
+    return None if s == API_VERSION else f"must be {API_VERSION!r}, got {shown(s)}"
 
 
 def _kind_error(s: str) -> str | None:
@@ -91,7 +92,7 @@ def _kind_error(s: str) -> str | None:
         return None
     hint = f.suggest(s, list(_CLASSES))
     tail = f"; did you mean {hint!r}?" if hint else ""
-    return f"must be one of {', '.join(_CLASSES)}, got {f.shown(s)}{tail}"
+    return f"must be one of {', '.join(_CLASSES)}, got {shown(s)}{tail}"
 
 
 def _ref(m: dict, cls: type | None, default_namespace: str) -> str:
@@ -115,21 +116,21 @@ def _metadata(m: dict, path: str, errs: Errs, cls: type | None,
     if d is None:
         return None
     n = len(errs)
-    f.check_fields(d, mpath, _META, errs)
-    name = f.get_str(d, "name", mpath, errs, check=dns_subdomain_error)
+    f.check_fields(d, mpath, r.META_FIELDS, errs)
+    name = f.get_str(d, "name", mpath, errs, check=r.name_error)
     if cls is Mesh and name is not None and name != "default":
         errs.append(FieldError(f.join(mpath, "name"),
-                               f"must be 'default' (a mesh has one Mesh), got {f.shown(name)}"))
-    namespace = f.get_str(d, "namespace", mpath, errs, default="", check=dns_label_error)
+                               f"must be 'default' (a mesh has one Mesh), got {shown(name)}"))
+    namespace = f.get_str(d, "namespace", mpath, errs, default="", check=r.namespace_error)
     if cls is not None and not cls.namespaced and namespace:
         errs.append(FieldError(f.join(mpath, "namespace"),
-                               f"must be omitted: {cls.kind} is cluster-scoped, got {f.shown(namespace)}"))
+                               f"must be omitted: {cls.kind} is cluster-scoped, got {shown(namespace)}"))
     elif cls is not None and cls.namespaced and namespace == "":
         namespace = default_namespace
     labels = f.get_string_map(d, "labels", mpath, errs, labels=True)
     annotations = f.get_string_map(d, "annotations", mpath, errs, labels=False)
     server = [v if type(v := d.get(k, "")) is str else f.get_str(d, k, mpath, errs, default="")
-              for k in ("uid", "resourceVersion", "creationTimestamp")]
+              for k in r.SERVER_META_FIELDS]
     if len(errs) > n or name is None or namespace is None:
         return None
     return ObjectMeta(name=name, namespace=namespace, labels=labels, annotations=annotations,
@@ -144,7 +145,7 @@ def _ttl_error(s: str) -> str | None:
     except InvalidDuration as e:
         return f"must be a duration like '24h' or '90m': {e.reason}"
     if not _MIN_TTL <= seconds <= _MAX_TTL:
-        return f"must be between 10m and 8760h, got {f.shown(s)}"
+        return f"must be between 10m and 8760h, got {shown(s)}"
     return None
 
 
@@ -161,53 +162,32 @@ def _mesh(d: dict, path: str, errs: Errs) -> MeshSpec | None:
 
 # --- Workload -----------------------------------------------------------------------------------
 
-def _abs_path_error(s: str) -> str | None:
-    if not s.startswith("/"):
-        return f"must be an absolute path, got {f.shown(s)}"
-    if "\0" in s or ".." in s.split("/"):
-        return f"must be an absolute path without '..' or NUL, got {f.shown(s)}"
-    return None
-
-
-def _cgroup_error(s: str) -> str | None:
-    reason = _abs_path_error(s)
-    if reason:
-        return reason
-    if posixpath.normpath(s) != "/sys/fs/cgroup" and not s.startswith("/sys/fs/cgroup/"):
-        return f"must be a path under /sys/fs/cgroup, got {f.shown(s)}"
-    return None
-
-
-_NO_LOCALITY = Locality()   # immutable, so one serves every workload without a locality
-
-
 def _locality(d: dict, path: str, errs: Errs) -> Locality | None:
     raw = f.get(d, "locality", path, errs, required=False)
     if raw is f.MISSING:
-        return _NO_LOCALITY
+        return NO_LOCALITY
     lpath = f.join(path, "locality")
     m = f.mapping(raw, lpath, errs)
     if m is None:
         return None
     n = len(errs)
-    f.check_fields(m, lpath, ("region", "zone", "subzone"), errs)
-    parts = {k: f.get_str(m, k, lpath, errs, default="") for k in ("region", "zone", "subzone")}
+    f.check_fields(m, lpath, r.LOCALITY_FIELDS, errs)
+    parts = {k: f.get_str(m, k, lpath, errs, default="") for k in r.LOCALITY_FIELDS}
     return None if len(errs) > n else Locality(**parts)
 
 
 def _workload(d: dict, path: str, errs: Errs) -> WorkloadSpec | None:
     n = len(errs)
-    f.check_fields(d, path, ("node", "serviceAccount", "addresses", "locality", "netns", "cgroup",
-                             "ports"), errs)
+    f.check_fields(d, path, r.WORKLOAD_FIELDS, errs)
     spec: dict[str, Any] = dict(
-        node=f.get_str(d, "node", path, errs, check=dns_subdomain_error),
-        service_account=f.get_str(d, "serviceAccount", path, errs, default="default",
-                                  check=dns_subdomain_error),
+        node=f.get_str(d, "node", path, errs, check=r.node_error),
+        service_account=f.get_str(d, "serviceAccount", path, errs, default=r.DEFAULT_SERVICE_ACCOUNT,
+                                  check=r.service_account_error),
         addresses=f.get_items(d, "addresses", path, errs, f.as_ip, required=True, unique=True,
                               non_empty=True),
         locality=_locality(d, path, errs),
-        netns=f.get_str(d, "netns", path, errs, default="", check=_abs_path_error),
-        cgroup=f.get_str(d, "cgroup", path, errs, default="", check=_cgroup_error),
+        netns=f.get_str(d, "netns", path, errs, default="", check=r.abs_path_error),
+        cgroup=f.get_str(d, "cgroup", path, errs, default="", check=r.cgroup_error),
         ports=f.get_items(d, "ports", path, errs, f.as_port, unique=True))
     if d.get("netns") is None and d.get("cgroup") is None:
         errs.append(FieldError(path, "must set netns (a pod) or cgroup (a host process), or both; got neither"))
@@ -221,16 +201,17 @@ def _service_port(v: object, path: str, errs: Errs) -> ServicePort | None:
     if m is None:
         return None
     n = len(errs)
-    f.check_fields(m, path, ("name", "port", "targetPort", "protocol"), errs)
-    name = f.get_str(m, "name", path, errs, default="", check=lambda s: s and dns_label_error(s))
+    f.check_fields(m, path, r.SERVICE_PORT_FIELDS, errs)
+    name = f.get_str(m, "name", path, errs, default="", check=lambda s: s and r.port_name_error(s))
     raw_port = f.get(m, "port", path, errs, required=True)
     port = None if raw_port is f.MISSING else f.as_port(raw_port, f.join(path, "port"), errs)
     raw_target = f.get(m, "targetPort", path, errs, required=False)
     target = port if raw_target is f.MISSING else f.as_port(raw_target, f.join(path, "targetPort"), errs)
-    protocol = f.get_enum(m, "protocol", path, errs, ("tcp", "http", "http2"), "tcp")
+    protocol = f.get_enum(m, "protocol", path, errs, r.PROTOCOLS, r.DEFAULT_PROTOCOL)
     if len(errs) > n or port is None:
         return None
-    return ServicePort(name=name or "", port=port, target_port=target or port, protocol=protocol or "tcp")
+    return ServicePort(name=name or "", port=port, target_port=target or port,
+                       protocol=protocol or r.DEFAULT_PROTOCOL)
 
 
 def _unique_ports(raw: list, path: str, errs: Errs) -> None:
@@ -244,7 +225,7 @@ def _unique_ports(raw: list, path: str, errs: Errs) -> None:
                 continue
             if v in seen:
                 errs.append(FieldError(f.join(f.item(path, i), key),
-                                       f"duplicate {key} {f.shown(v)}, already used by {f.item(path, seen[v])}"))
+                                       f"duplicate {key} {shown(v)}, already used by {f.item(path, seen[v])}"))
             else:
                 seen[v] = i
 
@@ -258,16 +239,15 @@ def _load_balancer(d: dict, path: str, errs: Errs) -> LoadBalancer | None:
     if m is None:
         return None
     n = len(errs)
-    f.check_fields(m, lpath, ("algorithm", "localityFailover"), errs)
-    algorithm = f.get_enum(m, "algorithm", lpath, errs,
-                           ("random", "round_robin", "least_request", "ewma"), "ewma")
-    failover = f.get_bool(m, "localityFailover", lpath, errs, default=True)
+    f.check_fields(m, lpath, r.LOAD_BALANCER_FIELDS, errs)
+    algorithm = f.get_enum(m, "algorithm", lpath, errs, r.ALGORITHMS, r.DEFAULT_ALGORITHM)
+    failover = f.get_bool(m, "localityFailover", lpath, errs, default=r.DEFAULT_LOCALITY_FAILOVER)
     return None if len(errs) > n else LoadBalancer(algorithm=algorithm, locality_failover=failover)
 
 
 def _service(d: dict, path: str, errs: Errs) -> ServiceSpec | None:
     n = len(errs)
-    f.check_fields(d, path, ("addresses", "selector", "ports", "loadBalancer"), errs)
+    f.check_fields(d, path, r.SERVICE_FIELDS, errs)
     addresses = f.get_items(d, "addresses", path, errs, f.as_ip, required=True, unique=True,
                             non_empty=True)
     selector = f.get_string_map(d, "selector", path, errs, labels=True, required=True)
@@ -285,5 +265,3 @@ def _service(d: dict, path: str, errs: Errs) -> ServiceSpec | None:
 
 _SPECS: dict[type, Any] = {Mesh: _mesh, Workload: _workload, Service: _service,
                            AuthorizationPolicy: policy_spec}
-
-from controller.api.decode_fast import fast_decode  # noqa: E402  (it reads this module's rules)

@@ -1,8 +1,9 @@
 """The happy path of ``from_dict``: ``fast_decode`` builds a Workload or Service from a document
 that is exactly valid, or returns None and lets ``decode.py`` (the detailed validator) say why.
 
-Owns no rule of its own: every check here is the one ``decode.py`` makes, done without paths or
-error lists, and it must give the same resource ``decode_document`` gives whenever it gives one
+Owns no rule of its own: every rule is ``rules.py``'s, the one ``decode.py`` applies too, checked
+here without paths or error lists; it must not import ``decode.py`` (which calls it first). It
+must give the same resource ``decode_document`` gives whenever it gives one
 (tests/controller/api/test_decode_fast.py compares the two on random documents). Values that
 repeat across objects (namespaces, nodes, ports, localities) are checked, and immutable parts
 built, once. Other kinds, and anything unusual (a subclass of dict, str or int, an IPv6 literal
@@ -12,22 +13,19 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from controller.api import decode as d
-from controller.api.fields import _clean_string_map, _EMPTY
+from controller.api import rules as r
+from controller.api.fields import EMPTY_MAP
 from controller.api.ip import canonical_ip
-from controller.api.meta import _DNS_SUBDOMAIN, FrozenDict, ObjectMeta, dns_label_error, dns_subdomain_error
-from controller.api.resources import (API_VERSION, LoadBalancer, Locality, Service, ServicePort,
-                                      ServiceSpec, Workload, WorkloadSpec)
+from controller.api.meta import FrozenDict, ObjectMeta
+from controller.api.resources import (API_VERSION, NO_LOCALITY, LoadBalancer, Locality, Service,
+                                      ServicePort, ServiceSpec, Workload, WorkloadSpec)
 
-_TOP = frozenset(d._TOP)
-_META = frozenset(d._META)
-_WORKLOAD = frozenset(("node", "serviceAccount", "addresses", "locality", "netns", "cgroup", "ports"))
-_SERVICE = frozenset(("addresses", "selector", "ports", "loadBalancer"))
-_PORT = frozenset(("name", "port", "targetPort", "protocol"))
-_LOCALITY = frozenset(("region", "zone", "subzone"))
-_LB = frozenset(("algorithm", "localityFailover"))
-_PROTOCOLS = frozenset(("tcp", "http", "http2"))
-_ALGORITHMS = frozenset(("random", "round_robin", "least_request", "ewma"))
+# the rules as sets, for ``keys() <=`` and ``in``
+_TOP, _META = frozenset(r.TOP_FIELDS), frozenset(r.META_FIELDS)
+_WORKLOAD, _LOCALITY = frozenset(r.WORKLOAD_FIELDS), frozenset(r.LOCALITY_FIELDS)
+_SERVICE, _PORT = frozenset(r.SERVICE_FIELDS), frozenset(r.SERVICE_PORT_FIELDS)
+_LB = frozenset(r.LOAD_BALANCER_FIELDS)
+_PROTOCOLS, _ALGORITHMS = frozenset(r.PROTOCOLS), frozenset(r.ALGORITHMS)
 _DEFAULT_LB = LoadBalancer()
 _LIMIT = 8192   # entries per memo; a memo that grows past it starts again
 
@@ -53,14 +51,19 @@ class _Valid:
         return True
 
 
-_label = _Valid(dns_label_error)          # namespaces, port names: few, and repeated
-_subdomain = _Valid(dns_subdomain_error)  # nodes, service accounts
-_cgroup = _Valid(d._cgroup_error)
+# namespaces, port names, nodes, service accounts: few values, repeated across objects
+_namespace = _Valid(r.namespace_error)
+_port_name = _Valid(r.port_name_error)
+_node = _Valid(r.node_error)
+_account = _Valid(r.service_account_error)
+_cgroup = _Valid(r.cgroup_error)
 
 
 def _name(s: object) -> bool:
-    """``dns_subdomain_error(s) is None`` for a str (object names are unique: nothing to remember)."""
-    return type(s) is str and len(s) <= 253 and _DNS_SUBDOMAIN.fullmatch(s) is not None
+    """``r.name_error(s) is None`` for a str (object names are unique: nothing to remember)."""
+    return type(s) is str and r.name_error(s) is None
+
+
 _ports: dict[tuple, ServicePort] = {}
 _localities: dict[tuple, Locality] = {}
 
@@ -81,12 +84,12 @@ _object_new, _setattr = object.__new__, object.__setattr__
 
 def _string_map(v: object, labels: bool) -> FrozenDict | None:
     if v is None:
-        return _EMPTY
+        return EMPTY_MAP
     if type(v) is not dict:
         return None
     if not v:
-        return _EMPTY
-    return FrozenDict(v) if _clean_string_map(v, labels) else None
+        return EMPTY_MAP
+    return FrozenDict(v) if r.string_map_ok(v, labels) else None
 
 
 def _ips(v: object) -> tuple[str, ...] | None:
@@ -107,7 +110,7 @@ def _ips(v: object) -> tuple[str, ...] | None:
 
 
 def _int_port(v: object) -> bool:
-    return type(v) is int and 1 <= v <= 65535
+    return type(v) is int and r.MIN_PORT <= v <= r.MAX_PORT
 
 
 def fast_decode(doc: object, default_namespace: str) -> Workload | Service | None:
@@ -131,14 +134,14 @@ def fast_decode(doc: object, default_namespace: str) -> Workload | Service | Non
         return None
     if ns is None:
         ns = default_namespace
-    elif type(ns) is not str or (ns not in _label.seen and not _label(ns)):
+    elif type(ns) is not str or (ns not in _namespace.seen and not _namespace(ns)):
         return None
     labels = _string_map(m.get("labels"), True)
     annotations = _string_map(m.get("annotations"), False)
     if labels is None or annotations is None:
         return None
     server = []
-    for k in ("uid", "resourceVersion", "creationTimestamp"):
+    for k in r.SERVER_META_FIELDS:
         v = m.get(k)
         if v is None:
             v = ""
@@ -169,16 +172,16 @@ def fast_decode(doc: object, default_namespace: str) -> Workload | Service | Non
 def _workload(s: dict) -> WorkloadSpec | None:
     if not s.keys() <= _WORKLOAD:
         return None
-    node, account = s.get("node"), s.get("serviceAccount", "default")
+    node, account = s.get("node"), s.get("serviceAccount")
     netns, cgroup = s.get("netns"), s.get("cgroup")
-    seen = _subdomain.seen
-    if type(node) is not str or not (node in seen or _subdomain(node)):
+    if type(node) is not str or not (node in _node.seen or _node(node)):
         return None
-    if account is not None and (type(account) is not str or not (account in seen or _subdomain(account))):
+    if account is not None and (type(account) is not str
+                                or not (account in _account.seen or _account(account))):
         return None
     if netns is None and cgroup is None:
         return None
-    if (netns is not None and (type(netns) is not str or d._abs_path_error(netns) is not None)) \
+    if (netns is not None and (type(netns) is not str or r.abs_path_error(netns) is not None)) \
             or (cgroup is not None and not _cgroup(cgroup)):
         return None
     addresses = _ips(s.get("addresses"))
@@ -198,7 +201,7 @@ def _workload(s: dict) -> WorkloadSpec | None:
     spec = _object_new(WorkloadSpec)   # _new, unrolled
     _setattr(spec, "node", node)
     _setattr(spec, "addresses", addresses)
-    _setattr(spec, "service_account", "default" if account is None else account)
+    _setattr(spec, "service_account", r.DEFAULT_SERVICE_ACCOUNT if account is None else account)
     _setattr(spec, "locality", locality)
     _setattr(spec, "netns", netns or "")
     _setattr(spec, "cgroup", cgroup or "")
@@ -208,10 +211,10 @@ def _workload(s: dict) -> WorkloadSpec | None:
 
 def _locality(v: object) -> Locality | None:
     if v is None:
-        return d._NO_LOCALITY
+        return NO_LOCALITY
     if type(v) is not dict or not v.keys() <= _LOCALITY:
         return None
-    parts = tuple("" if (x := v.get(k)) is None else x for k in ("region", "zone", "subzone"))
+    parts = tuple("" if (x := v.get(k)) is None else x for k in r.LOCALITY_FIELDS)
     if type(parts[0]) is not str or type(parts[1]) is not str or type(parts[2]) is not str:
         return None
     loc = _localities.get(parts)
@@ -228,7 +231,7 @@ def _service(s: dict) -> ServiceSpec | None:
     addresses = _ips(s.get("addresses"))
     selector = s.get("selector")
     if addresses is None or type(selector) is not dict or not selector \
-            or not _clean_string_map(selector, True):
+            or not r.string_map_ok(selector, True):
         return None
     raw = s.get("ports")
     if type(raw) is not list or not raw:
@@ -255,12 +258,12 @@ def _service_port(p: object) -> ServicePort | None:
     name, port, target, protocol = p.get("name"), p.get("port"), p.get("targetPort"), p.get("protocol")
     if name is None or name == "":
         name = ""
-    elif not _label(name):
+    elif not _port_name(name):
         return None
     if not _int_port(port) or not (target is None or _int_port(target)):
         return None
     if protocol is None:
-        protocol = "tcp"
+        protocol = r.DEFAULT_PROTOCOL
     elif type(protocol) is not str or protocol not in _PROTOCOLS:
         return None
     parts = (name, port, target or port, protocol)
@@ -277,13 +280,13 @@ def _load_balancer(v: object) -> LoadBalancer | None:
         return _DEFAULT_LB
     if type(v) is not dict or not v.keys() <= _LB:
         return None
-    algorithm, failover = v.get("algorithm", "ewma"), v.get("localityFailover", True)
+    algorithm, failover = v.get("algorithm"), v.get("localityFailover")
     if algorithm is None:
-        algorithm = "ewma"
+        algorithm = r.DEFAULT_ALGORITHM
     if failover is None:
-        failover = True
+        failover = r.DEFAULT_LOCALITY_FAILOVER
     if type(algorithm) is not str or algorithm not in _ALGORITHMS or type(failover) is not bool:
         return None
-    if algorithm == "ewma" and failover:
+    if algorithm == _DEFAULT_LB.algorithm and failover is _DEFAULT_LB.locality_failover:
         return _DEFAULT_LB
     return LoadBalancer(algorithm=algorithm, locality_failover=failover)

@@ -11,7 +11,7 @@ import re
 from typing import Any, Callable
 
 from controller.api import fields as f
-from controller.api.errors import FieldError, InvalidSpiffeId
+from controller.api.errors import FieldError, InvalidSpiffeId, shown
 from controller.api.meta import dns_label_error
 from controller.api.resources import (OPERATION_FIELDS, SOURCE_FIELDS, AuthorizationPolicySpec,
                                       Operation, Rule, Source)
@@ -45,12 +45,12 @@ def _principal(v: object, path: str, errs: Errs) -> str | None:
             parse_principal(s)
         except InvalidSpiffeId as e:
             errs.append(FieldError(path, f"must be a principal like 'cluster.local/ns/shop/sa/web' "
-                                         f"or '*', got {f.shown(s)}: {e.reason}"))
+                                         f"or '*', got {shown(s)}: {e.reason}"))
             return None
         return s
     if rest == "!" or not _PRINCIPAL_CHARS.fullmatch(rest) or "//" in rest:
         errs.append(FieldError(path, "a principal pattern may have one '*', only at its start or end, "
-                                     f"and otherwise letters, digits, '.', '-', '_' and '/', got {f.shown(s)}"))
+                                     f"and otherwise letters, digits, '.', '-', '_' and '/', got {shown(s)}"))
         return None
     return s
 
@@ -77,9 +77,9 @@ def _ip_block(v: object, path: str, errs: Errs) -> str | None:
     try:
         net = ipaddress.ip_network(s, strict=False)
     except ValueError:
-        errs.append(FieldError(path, f"must be a CIDR block like '10.10.0.0/16' or an IP address, got {f.shown(s)}"))
+        errs.append(FieldError(path, f"must be a CIDR block like '10.10.0.0/16' or an IP address, got {shown(s)}"))
         return None
-    errs.append(FieldError(path, f"has host bits set: got {f.shown(s)}; did you mean '{net}'?"))
+    errs.append(FieldError(path, f"has host bits set: got {shown(s)}; did you mean '{net}'?"))
     return None
 
 
@@ -90,7 +90,7 @@ def _method(v: object, path: str, errs: Errs) -> str | None:
     if _METHOD.fullmatch(s):
         return s
     hint = f"; did you mean {s.upper()!r}?" if _METHOD.fullmatch(s.upper()) else ""
-    errs.append(FieldError(path, f"must be an uppercase HTTP method like GET or POST, got {f.shown(s)}{hint}"))
+    errs.append(FieldError(path, f"must be an uppercase HTTP method like GET or POST, got {shown(s)}{hint}"))
     return None
 
 
@@ -104,7 +104,7 @@ def _path(v: object, path: str, errs: Errs) -> str | None:
           and (s.startswith("/") or (s.startswith("*") and rest is not None)))
     if not ok:
         errs.append(FieldError(path, "must be a path starting with '/' (no '?', '#' or spaces), optionally "
-                                     f"with one '*' at its start or end ('/api/*', '*.js', '*'), got {f.shown(s)}"))
+                                     f"with one '*' at its start or end ('/api/*', '*.js', '*'), got {shown(s)}"))
         return None
     return s
 

@@ -1,11 +1,17 @@
 """Typed errors of the resource contract: what went wrong, where, with the data to say so.
 
-Owns the error classes and the one-line message format of a manifest problem. Knows nothing
-about YAML, kinds or validation rules; the other modules raise these.
+Owns the error classes, the one-line message format of a manifest problem and how a value is
+shown in one. Knows nothing about YAML, kinds or validation rules; the other modules raise these.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+def shown(v: object, limit: int = 60) -> str:
+    """``repr`` of a value, shortened for messages."""
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
 
 
 class ApiError(Exception):

@@ -7,18 +7,16 @@ kinds; every function appends ``FieldError``s to ``errs`` instead of raising.
 from __future__ import annotations
 
 import difflib
-from functools import lru_cache
 from typing import Any, Callable
 
-from controller.api.errors import FieldError
+from controller.api.errors import FieldError, shown
 from controller.api.ip import canonical_ip
 from controller.api.meta import FrozenDict, label_key_error, label_value_error
+from controller.api.rules import MAX_PORT, MIN_PORT, string_map_ok
 
 Errs = list[FieldError]
 MISSING = object()
-# label keys and values repeat across objects; the checks are pure, so their answers are kept
-_key_error = lru_cache(maxsize=4096)(label_key_error)
-_value_error = lru_cache(maxsize=4096)(label_value_error)
+EMPTY_MAP = FrozenDict()   # the one empty label or annotation map (immutable, so shared)
 
 
 def join(path: str, key: str) -> str:
@@ -50,12 +48,6 @@ def got(v: object) -> str:
     if isinstance(v, list):
         return "list"
     return type(v).__name__
-
-
-def shown(v: object, limit: int = 60) -> str:
-    """``repr`` of a value, shortened for messages."""
-    r = repr(v)
-    return r if len(r) <= limit else r[: limit - 4] + "...'"
 
 
 def suggest(key: str, known: tuple[str, ...] | list[str]) -> str | None:
@@ -114,7 +106,7 @@ def as_int(v: object, path: str, errs: Errs, lo: int, hi: int) -> int | None:
 
 
 def as_port(v: object, path: str, errs: Errs) -> int | None:
-    return as_int(v, path, errs, 1, 65535)
+    return as_int(v, path, errs, MIN_PORT, MAX_PORT)
 
 
 def get_str(m: dict, key: str, path: str, errs: Errs, default: str | None = None,
@@ -209,25 +201,12 @@ def get_string_map(m: dict, key: str, path: str, errs: Errs, labels: bool,
         if required:
             errs.append(FieldError(join(path, key), "required field is missing"))
             return None
-        return _EMPTY
+        return EMPTY_MAP
     if not v:
-        return _EMPTY if isinstance(v, dict) else _string_map_slow(v, join(path, key), errs, labels)
-    if isinstance(v, dict) and _clean_string_map(v, labels):
+        return EMPTY_MAP if isinstance(v, dict) else _string_map_slow(v, join(path, key), errs, labels)
+    if isinstance(v, dict) and string_map_ok(v, labels):
         return FrozenDict(v)
     return _string_map_slow(v, join(path, key), errs, labels)
-
-
-_EMPTY = FrozenDict()
-
-
-def _clean_string_map(d: dict, labels: bool) -> bool:
-    """True when every key and value of ``d`` passes (the common case, checked without paths)."""
-    for k, val in d.items():
-        if type(k) is not str or type(val) is not str or _key_error(k) is not None:
-            return False
-        if labels and _value_error(val) is not None:
-            return False
-    return True
 
 
 def _string_map_slow(v: object, mpath: str, errs: Errs, labels: bool) -> FrozenDict | None:

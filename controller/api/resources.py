@@ -11,6 +11,8 @@ from typing import Any, ClassVar, Union
 
 from controller.api.duration import parse_duration
 from controller.api.meta import FrozenDict, ObjectMeta, freeze
+from controller.api.rules import (DEFAULT_ALGORITHM, DEFAULT_LOCALITY_FAILOVER, DEFAULT_PROTOCOL,
+                                  DEFAULT_SERVICE_ACCOUNT)
 
 API_VERSION = "nodemesh.io/v1alpha1"
 
@@ -39,11 +41,14 @@ class Locality:
     subzone: str = ""
 
 
+NO_LOCALITY = Locality()   # immutable, so one serves every workload without a locality
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorkloadSpec:
     node: str
     addresses: tuple[str, ...]
-    service_account: str = "default"
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
     locality: Locality = field(default_factory=Locality)
     netns: str = ""                      # a pod: its network namespace path
     cgroup: str = ""                     # a host process (or pod): its cgroup v2 path
@@ -60,7 +65,7 @@ class ServicePort:
     port: int
     target_port: int = 0                 # 0 on construction means "same as port"
     name: str = ""
-    protocol: str = "tcp"                # tcp | http | http2
+    protocol: str = DEFAULT_PROTOCOL     # one of rules.PROTOCOLS
 
     def __post_init__(self) -> None:
         if not self.target_port:
@@ -69,8 +74,8 @@ class ServicePort:
 
 @dataclass(frozen=True, kw_only=True)
 class LoadBalancer:
-    algorithm: str = "ewma"              # random | round_robin | least_request | ewma
-    locality_failover: bool = True
+    algorithm: str = DEFAULT_ALGORITHM   # one of rules.ALGORITHMS
+    locality_failover: bool = DEFAULT_LOCALITY_FAILOVER
 
 
 @dataclass(frozen=True, kw_only=True)
