@@ -18,6 +18,8 @@ from typing import Callable
 
 import trio
 
+from agent.proxy.sockaccept import acceptor
+
 log = logging.getLogger("nodemesh.agent.reactor")
 
 IN, OUT = select.EPOLLIN | select.EPOLLRDHUP, select.EPOLLOUT   # RDHUP: a FIN comes with its data
@@ -58,19 +60,17 @@ class _Connecting:
 class _Listener:
     """A listening socket: its descriptor's handler accepts in batches."""
 
-    __slots__ = ("reactor", "sock", "on_accept", "kind")
+    __slots__ = ("reactor", "sock", "on_accept", "accept")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, on_accept) -> None:
         self.reactor, self.sock, self.on_accept = reactor, sock, on_accept
-        # socket.accept() without its per-call wrapper: the kind of socket made, looked up once
-        self.kind = (int(sock.family), int(sock.type), sock.proto)
+        self.accept = acceptor(sock)      # accept(2) without socket.accept()'s wrapper
 
     def event(self, fd: int, events: int) -> None:
-        sock, on_accept, (family, kind, proto) = self.sock, self.on_accept, self.kind
-        accept, make = sock._accept, socket.socket
+        sock, on_accept, accept = self.sock, self.on_accept, self.accept
         for _ in range(64):
             try:
-                conn = make(family, kind, proto, accept()[0])
+                conn = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -83,7 +83,6 @@ class _Listener:
                 self.reactor.rearm(fd, IN, 0)
                 self.reactor.later(0.1, self.resume)
                 return
-            conn.setblocking(False)
             on_accept(conn)
 
     def resume(self) -> None:
