@@ -30,6 +30,7 @@ from agent.observe.accesslog import AccessLog
 from agent.observe.admin import admin_routes, metrics_routes, ready_routes
 from agent.observe.httpd import serve_http
 from agent.observe.metrics import AgentMetrics
+from agent.observe.sdnotify import Notifier
 from agent.observe.telemetry import Telemetry
 from agent.proxy.connections import Registry
 from agent.proxy.delivery import Delivery
@@ -77,6 +78,7 @@ class Workloads:
 
 
 async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    notifier = Notifier.from_env()   # systemd's Type=notify: READY=1 once ready() first passes
     rng = random.Random(cfg.seed)
     identities = StateDir(cfg.state_dir / "identities")
     bundle = _initial_bundle(cfg, identities)
@@ -148,8 +150,9 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             await nursery.start(partial(serve_http, routes, host, port))
         log.info("agent for node %s up: controller %s, admin %s:%d, metrics :%d, ready :%d",
                  cfg.node, cfg.controller, *cfg.admin, cfg.metrics[1], cfg.ready[1])
+        await nursery.start(notifier.run, ready)
         task_status.started()
-        nursery.start_soon(_stop_on_signal, nursery.cancel_scope, redirector)
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope, redirector, notifier)
     await cp.aclose()
 
 
@@ -281,9 +284,10 @@ def _workloads(holder: StateHolder, listeners: Listeners) -> list[dict]:
     return out
 
 
-async def _stop_on_signal(scope: trio.CancelScope, redirector: Redirector) -> None:
+async def _stop_on_signal(scope: trio.CancelScope, redirector: Redirector, notifier: Notifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for sig in signals:
+            notifier.stopping()
             log.info("received %s: removing redirects, shutting down", signal.Signals(sig).name)
             with trio.move_on_after(15):
                 try:

@@ -12,7 +12,7 @@ import ssl
 
 import trio
 
-from controller import datadir
+from controller import datadir, sdnotify
 from controller.ca import CertificateAuthority
 from controller.handlers import Api
 from controller.httpd import Response, serve
@@ -81,6 +81,9 @@ async def run(
                      "store %s at resourceVersion %d", settings.trust_domain, api_host, bound_api,
                      metrics_host, bound_metrics, d.store, store.revision)
             task_status.started((bound_api, bound_metrics))
+            sdnotify.notify("READY=1", f"STATUS=serving resourceVersion {store.revision} on :{bound_api}")
+            if (interval := sdnotify.watchdog_interval()) is not None:
+                nursery.start_soon(sdnotify.feed_watchdog, interval)
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
     finally:
         store.close()
@@ -91,5 +94,6 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for sig in signals:
             log.info("received %s, shutting down", signal.Signals(sig).name)
+            sdnotify.notify("STOPPING=1")
             scope.cancel()
             return
