@@ -20,7 +20,16 @@ from pathlib import Path
 from agent.base.constants import INBOUND_HBONE_PORT, INBOUND_PLAIN_PORT, KHEADERS, OUTBOUND_PORT, PROXY_MARK
 from agent.redirect.base import RedirectError
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+
+
+def _bpf_dir() -> Path:
+    """bpf/ beside the packages in a checkout; in an installed wheel (scripts/install-node), the
+    copy pyproject's data-files put under the venv, PREFIX/share/nodemesh/bpf."""
+    beside = Path(__file__).resolve().parents[2] / "bpf"
+    return beside if beside.is_dir() else Path(sys.prefix) / "share" / "nodemesh" / "bpf"
+
+
+BPF_DIR = _bpf_dir()
 PROGRAM_FILES = ("cgroup_connect4_redirect.c", "sockops_origdst.c", "sk_lookup_inbound.c")
 
 MAPS = ("origdst_by_peer", "origdst_by_cookie", "own_addrs", "inbound_listeners")

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ca": ("controller.cli.identity:ca", "Manage the mesh CA (rotate the root)."),
     "status": ("controller.cli.identity:status", "Show the controller, its nodes and their certificates."),
     "check": ("controller.cli.check:check", "Check health and warn about certificates close to expiry."),
+    "install": ("controller.cli.install:install", "Print what installs nodemesh on hosts (systemd units)."),
     "agent": ("agent.cli:agent", "Run the node agent (proxy, identities, redirection) on this host."),
     "lab": ("agent.lab.cli:lab", "The network-namespace lab on this machine (up, status, exec, down)."),
 }
