@@ -22,22 +22,25 @@ NODEMESH_APT_PACKAGES=(
     "linux-headers-$(dpkg --print-architecture 2>/dev/null || echo amd64)"
     iproute2 iptables nftables python3-nftables bpftool
     procps psmisc ca-certificates curl kmod util-linux wrk
+    systemd   # systemd-analyze verify checks the units `nodemesh install systemd` prints
 )
 
-nm_log() { printf '[setup] %s\n' "$*" >&2; }
+# The scripts that source this one (scripts/install-*) set their own tag for these lines.
+NM_LOG_TAG=${NM_LOG_TAG:-setup}
+nm_log() { printf '[%s] %s\n' "$NM_LOG_TAG" "$*" >&2; }
 nm_die() {
-    printf '[setup] ERROR: %s\n' "$1" >&2
+    printf '[%s] ERROR: %s\n' "$NM_LOG_TAG" "$1" >&2
     shift
     local hint
-    for hint in "$@"; do printf '[setup]   -> %s\n' "$hint" >&2; done
+    for hint in "$@"; do printf '[%s]   -> %s\n' "$NM_LOG_TAG" "$hint" >&2; done
     exit 1
 }
 
 # Unexpected failures (set -e) name the command and the line instead of exiting silently.
 nm__on_err() {
     local rc=$1 where=$2 cmd=$3
-    printf '[setup] ERROR: command failed (exit %s) at %s: %s\n' "$rc" "$where" "$cmd" >&2
-    printf '[setup]   -> fix the cause above and re-run; set-up resumes where it stopped\n' >&2
+    printf '[%s] ERROR: command failed (exit %s) at %s: %s\n' "$NM_LOG_TAG" "$rc" "$where" "$cmd" >&2
+    printf '[%s]   -> fix the cause above and re-run; it resumes where it stopped\n' "$NM_LOG_TAG" >&2
 }
 
 nm_require_root() {
