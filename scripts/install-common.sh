@@ -6,6 +6,7 @@
 # (nm_log, nm_die, nm_apt_install, nm_kheaders, nm_bcc_link). Lines are prefixed "[install]".
 
 NM_LOG_TAG=install
+unset PYTHONPATH PYTHONHOME   # the installed venv must run its own nodemesh, not one from here
 # shellcheck source=scripts/setup.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/setup.sh"
 
