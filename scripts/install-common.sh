@@ -101,7 +101,13 @@ ni_venv() {
         "$NI_VENV/bin/python" -c 'import agent, controller' 2>/dev/null; then
         return 0
     fi
-    nm__pick_python
+    # A service's python must not live under a home directory (the units' ProtectHome=yes hides
+    # it): Debian's /usr/bin/python3 first, then whatever setup.sh would pick.
+    if nm__python_ok /usr/bin/python3; then NM_PY=/usr/bin/python3; else nm__pick_python; fi
+    case $(readlink -f "$NM_PY") in
+        /root/* | /home/*) nm_die "$NM_PY is under a home directory, which the units' ProtectHome=yes hides" \
+            "install Debian's python: apt-get install python3 python3-venv (then re-run)" ;;
+    esac
     nm_log "creating $NI_VENV with $NM_PY ($("$NM_PY" -V 2>&1))"
     mkdir -p "$(dirname "$NI_VENV")"
     "$NM_PY" -m venv --clear "$NI_VENV" ||

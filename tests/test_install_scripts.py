@@ -68,6 +68,9 @@ def test_install_writes_the_venv_units_token_and_ca(installed):
     root, _, log = installed
     venv = root / "opt/nodemesh/venv"
     assert os.access(venv / "bin/nodemesh", os.X_OK), log
+    home = next(ln.split("=", 1)[1].strip() for ln in (venv / "pyvenv.cfg").read_text().splitlines()
+                if ln.startswith("home"))
+    assert not Path(home).resolve().is_relative_to("/root"), home   # ProtectHome=yes would hide it
     assert os.readlink(root / "usr/local/bin/nodemesh") == "/opt/nodemesh/venv/bin/nodemesh"
     conf = root / "etc/nodemesh/agent"
     assert (conf / "token").read_text() == "not-a-real-token"
