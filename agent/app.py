@@ -1,8 +1,9 @@
 """app.py: the agent's composition root — the one place that wires its parts.
 
 Joins (or reuses its node certificate), follows the controller (sync.py), keeps certificates
-for every local workload (identity/), opens their in-pod listeners (proxy/listeners.py) and
-serves their traffic (proxy/), re-authorizes live connections on every update, and serves
+for every local workload (identity/), opens their in-pod listeners (proxy/listeners.py) or, for
+host workloads (cgroup, no netns), the host namespace's (proxy/host_listeners.py) and serves
+their traffic (proxy/), re-authorizes live connections on every update, and serves
 admin (15000, 127.0.0.1), metrics (15020) and readiness (15021). Ready only when the snapshot,
 the certificates and the listeners are all in place. Stops cleanly on SIGTERM/SIGINT.
 """
@@ -35,6 +36,7 @@ from agent.observe.telemetry import Telemetry
 from agent.proxy.connections import Registry
 from agent.proxy.delivery import Delivery
 from agent.proxy.fastpath import FastPath
+from agent.proxy.host_listeners import HostListeners, is_host_workload
 from agent.proxy.inbound import Inbound
 from agent.proxy.listeners import Handlers, Listeners
 from agent.proxy.outbound import Outbound, Pools
@@ -114,17 +116,21 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                             w, partial(outbound.handle, dst=dst, picked=picked), stream))
         listeners = Listeners(Handlers(outbound.handle, inbound.plaintext, inbound.hbone,
                                        serve_outbound=fast.serve))
+        # host workloads' 15001 goes through the trio handler: the fast path serves pods' listeners
+        host = HostListeners(Handlers(outbound.handle, inbound.plaintext, inbound.hbone),
+                             redirector.host_origin)
 
         def ready() -> tuple[bool, str]:
             if not status.synced:
                 return False, "no configuration yet (waiting for the controller)"
             if certs.errors:
                 return False, "not in place: " + "; ".join(f"{what}: {e}" for what, e in certs.errors.items())
-            if not listeners.ready(holder.current):
-                failed = {k: v.error for k, v in listeners.status().items() if v.error}
+            if not (listeners.ready(holder.current) and host.ready(holder.current)):
+                failed = {k: v.error for k, v in {**listeners.status(), **host.status()}.items() if v.error}
                 return False, f"listeners not open: {failed or 'opening'}"
             missing = [f"{w.metadata.namespace}/{w.metadata.name}" for w in holder.current.local_workloads
-                       if w.spec.netns and (w.metadata.namespace, w.metadata.name) not in certs.enrolled]
+                       if (w.spec.netns or w.spec.cgroup)
+                       and (w.metadata.namespace, w.metadata.name) not in certs.enrolled]
             if missing:
                 return False, f"redirect not in place yet for {', '.join(missing)}"
             return True, f"serving version {status.version}"
@@ -133,18 +139,19 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         await nursery.start(identity.run)
         await nursery.start(registry.run, holder)
         await nursery.start(listeners.run)
+        await nursery.start(host.run)
         await nursery.start(partial(run_sync, cp, holder, node=cfg.node, path=cfg.state_dir / "snapshot.json",
                                     status=status))
         await redirector.start(list(holder.current.local_workloads))
-        nursery.start_soon(_follow_snapshots, holder, listeners, pools, identity, certs, redirector)
+        nursery.start_soon(_follow_snapshots, holder, (listeners, host), pools, identity, certs, redirector)
         nursery.start_soon(_refresh_bundle, cp, identity, node_uri, creds)
         nursery.start_soon(_report, cp, status, ready)
         for (host, port), routes in (
                 (cfg.admin, {**admin_routes(config_dump=lambda: _config_dump(holder, status),
                                             certs=lambda: _certs(identity),
-                                            workloads=lambda: _workloads(holder, listeners)),
+                                            workloads=lambda: _workloads(holder, listeners, host)),
                              "/redirect": partial(_redirect_report, redirector, holder),
-                             "/check": partial(_check_report, redirector, holder, listeners)}),
+                             "/check": partial(_check_report, redirector, holder, listeners, host)}),
                 (cfg.metrics, metrics_routes(metrics)),
                 (cfg.ready, ready_routes(ready))):
             await nursery.start(partial(serve_http, routes, host, port))
@@ -183,10 +190,12 @@ def _initial_bundle(cfg: AgentConfig, identities: StateDir) -> bytes:
     return saved
 
 
-async def _follow_snapshots(holder: StateHolder, listeners: Listeners, pools: Pools,
+async def _follow_snapshots(holder: StateHolder, both: tuple[Listeners, HostListeners], pools: Pools,
                             identity: IdentityManager, certs: Workloads, redirector: Redirector) -> None:
-    """On every snapshot: certificates for local workloads, listeners, then the redirect (so no
-    connection is redirected to a port that is not open yet); undo all of it for what left."""
+    """On every snapshot: certificates for local workloads, listeners (in-pod, and the host
+    namespace's for host workloads), then the redirect (so no connection is redirected to a port
+    that is not open yet); undo all of it for what left."""
+    listeners, host = both
     version, held, enrolled = -1, set(), certs.enrolled
     while True:
         with trio.move_on_after(2.0):   # also retry what failed (certificates, listeners, redirect)
@@ -211,15 +220,20 @@ async def _follow_snapshots(holder: StateHolder, listeners: Listeners, pools: Po
                 await _redirect_step(redirector.unenrol, w, certs)
                 del enrolled[key]
         await listeners.reconcile(snap)
+        await host.reconcile(snap)
         pools.retain(snap)
-        ready = listeners.status()
+        ready = {**listeners.status(), **host.status()}
         for key, w in local.items():
             st = ready.get(f"{key[0]}/{key[1]}")
             if key not in enrolled and st is not None and not st.error and (w.spec.netns or w.spec.cgroup):
                 if await _redirect_step(redirector.enrol, w, certs):
                     enrolled[key] = w
-                    register = getattr(redirector, "register_inbound_socket", None)
-                    inbound = listeners.listener(w, INBOUND_PLAIN_PORT)
+                    if is_host_workload(w):
+                        register = getattr(redirector, "register_host_inbound", None)
+                        inbound = host.inbound_sockets(w)
+                    else:
+                        register = getattr(redirector, "register_inbound_socket", None)
+                        inbound = listeners.listener(w, INBOUND_PLAIN_PORT)
                     if register is not None and inbound is not None:
                         try:
                             register(w, inbound)
@@ -273,8 +287,8 @@ def _certs(identity: IdentityManager) -> list[dict]:
             for uri, t in sorted(identity.expiries().items())]
 
 
-def _workloads(holder: StateHolder, listeners: Listeners) -> list[dict]:
-    status = listeners.status()
+def _workloads(holder: StateHolder, listeners: Listeners, host: HostListeners) -> list[dict]:
+    status = {**listeners.status(), **host.status()}
     out = []
     for w in holder.current.local_workloads:
         key = f"{w.metadata.namespace}/{w.metadata.name}"
@@ -312,10 +326,11 @@ async def _redirect_report(redirector: Redirector, holder: StateHolder):
     return 200, "application/json", json.dumps({"mode": redirector.mode, "findings": findings}).encode()
 
 
-async def _check_report(redirector: Redirector, holder: StateHolder, listeners: Listeners):
+async def _check_report(redirector: Redirector, holder: StateHolder, listeners: Listeners,
+                        host: HostListeners):
     """/check on the admin port: the node half of ``nodemesh check`` (kernel, redirect mode,
     listeners and hooks of each workload), as ``{"findings": [{"level", "message"}, ...]}``."""
-    found = doctor.node_findings(redirector.mode, _workloads(holder, listeners),
+    found = doctor.node_findings(redirector.mode, _workloads(holder, listeners, host),
                                  await _redirect_findings(redirector, holder))
     body = {"findings": [{"level": lvl, "message": m} for lvl, m in found]}
     return 200, "application/json", json.dumps(body).encode()

@@ -2,7 +2,8 @@
  * IPv4-mapped destinations) on each enrolled workload's cgroup: a TCP connect() to anything but
  * loopback, the pod's own addresses or from a socket carrying PROXY_MARK is rewritten to
  * 127.0.0.1:OUTBOUND_PORT, resolved in the client's own netns (the pod's in-pod listener), and
- * the original destination is recorded by socket cookie for sockops_origdst.c to re-key.
+ * the original destination is recorded by socket cookie for sockops_origdst.c to re-key, with the
+ * caller's cgroup id (host workloads, which share the host netns's 15001, are told apart by it).
  * Returns 1 (allow) always: this program never refuses a connect.
  */
 #include <uapi/linux/bpf.h>
@@ -38,6 +39,7 @@ static __always_inline void nm_record(struct bpf_sock_addr *ctx, __u32 dst_ip4)
     struct origdst od = {};
     od.ip4 = dst_ip4;
     od.port = bpf_ntohs((__u16)ctx->user_port);
+    od.cgroup_id = bpf_get_current_cgroup_id();   /* who: host workloads share one 15001 */
     origdst_by_cookie.update(&cookie, &od);
 }
 

@@ -1,4 +1,6 @@
-/* sk_lookup_inbound.c: inbound capture. Attached (as a bpf_link) to each enrolled pod's netns:
+/* sk_lookup_inbound.c: inbound capture. Attached (as a bpf_link) to each enrolled pod's netns
+ * (and, for host workloads, to the host netns, where only their (address, declared port) pairs in
+ * host_inbound are steered):
  * a TCP SYN from outside the pod (its source is neither loopback nor the destination itself) for
  * one of the pod's own IPv4 addresses, on any port but INBOUND_HBONE_PORT, is handed to the pod's INBOUND_PLAIN_PORT listener (the
  * socket the agent registered in inbound_listeners). The accepted socket keeps the original local
@@ -31,8 +33,15 @@ int nm_sk_lookup(struct bpf_sk_lookup *ctx)
     if (nm_from_pod(src, dst))
         return SK_PASS;
     struct bpf_sock *sk = (struct bpf_sock *)inbound_listeners.lookup(&dst);
-    if (!sk)
-        return SK_PASS;
+    if (!sk) {
+        /* the host netns: only a host workload's own (address, declared port), never the rest */
+        struct host_port_key hk = {};
+        hk.ip4 = dst;
+        hk.port = (__u16)port;
+        sk = (struct bpf_sock *)host_inbound.lookup(&hk);
+        if (!sk)
+            return SK_PASS;
+    }
     bpf_sk_assign(ctx, sk, 0);
     bpf_sk_release(sk);
     return SK_PASS;

@@ -34,6 +34,22 @@ WorkloadKey = tuple[str, str]                                              # (na
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
+async def accept(listener: trio.SocketListener, what: str) -> trio.SocketStream | None:
+    """The next connection on ``listener``; None once it is closed. Waits out accept() failing
+    for lack of resources (logged, 100 ms pauses, as trio.serve_listeners does); any other
+    OSError is raised: the listener is broken and the caller reopens it."""
+    while True:
+        try:
+            return await listener.accept()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return None
+        except OSError as e:
+            if e.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log.error("accept on %s: %s; pausing 100 ms", what, e)
+            await trio.sleep(0.1)
+
+
 @dataclass(frozen=True)
 class Handlers:
     """What serves an accepted connection, per listener. Each is called in its own task with the
@@ -258,20 +274,16 @@ class Listeners:
         connections = self._nursery          # not the entry's: closing listeners keeps connections
         while True:
             try:
-                stream = await listener.accept()
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return
+                stream = await accept(listener, f"{port} for {entry.name}")
             except OSError as e:
-                if e.errno in _ACCEPT_CAPACITY_ERRNOS:
-                    log.error("accept on %d for %s: %s; pausing 100 ms", port, entry.name, e)
-                    await trio.sleep(0.1)
-                    continue
                 log.error("listener %d of %s failed, reopening it: %s", port, entry.name, e)
                 if entry.listeners.get(port) is listener:
                     del entry.listeners[port]
                     entry.error = f"accept on {port} failed: {e}"
                 listener.socket.close()
                 self._notify()
+                return
+            if stream is None:
                 return
             connections.start_soon(self._connection, entry.workload, entry.name, kind, port,
                                    handler, stream)

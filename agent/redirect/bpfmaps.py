@@ -19,9 +19,11 @@ import struct
 
 
 class Origdst(ctypes.Structure):
-    """``struct origdst``: where a redirected connection was going."""
+    """``struct origdst``: where a redirected connection was going, and the cgroup id of the
+    process that connected (which host workload, for connections on the host's 15001)."""
 
-    _fields_ = [("ip4", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+    _fields_ = [("ip4", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16),
+                ("cgroup_id", ctypes.c_uint64)]
 
     def address(self) -> tuple[str, int]:
         return ip4_str(self.ip4), self.port
@@ -40,7 +42,14 @@ class OwnAddrKey(ctypes.Structure):
     _fields_ = [("netns_cookie", ctypes.c_uint64), ("ip4", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
-MIRRORS = {"origdst": Origdst, "origdst_key": OrigdstKey, "own_addr_key": OwnAddrKey}
+class HostPortKey(ctypes.Structure):
+    """``struct host_port_key``: a host workload's (address, declared port), steered to its 15006."""
+
+    _fields_ = [("ip4", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+MIRRORS = {"origdst": Origdst, "origdst_key": OrigdstKey, "own_addr_key": OwnAddrKey,
+           "host_port_key": HostPortKey}
 
 
 def ip4_u32(ip: str) -> int:

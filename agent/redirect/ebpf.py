@@ -22,6 +22,14 @@ the only module that imports bcc), parameters as cflags, and attaches per worklo
   address that is loopback or the destination itself (what connect() to a local address picks;
   a pod socket explicitly bound to a *second* own address would be steered).
 
+Host workloads (``spec.cgroup``, no netns: a systemd service) get the same cgroup hooks on their
+cgroup; connect4 rewrites to 127.0.0.1:15001 of the *host* netns (the agent's own), where all
+host workloads share one listener, so connect4 also records ``bpf_get_current_cgroup_id()`` and
+``host_origin`` maps that id (the cgroup directory's inode number) back to the workload. Inbound,
+``sk_lookup`` is linked once to the host netns and steers only the (address, declared port) pairs
+of host workloads (``register_host_inbound``) to the host 15006 listener of that address: the
+host's other traffic, the agent's own ports included, takes the normal lookup.
+
 Attachments: cgroup programs with flags 0 (attaching again replaces — a restarted agent takes
 over a cgroup it enrols); sk_lookup as bpf_links held by this process (closed on exit, even a
 crash). Nothing is pinned: all map state is per-connection and short-lived, and the listeners
@@ -51,51 +59,20 @@ from agent.base.netns import netns_cookie, netns_path, socket_in
 from agent.redirect import bpfmaps, ebpf_build
 from agent.redirect.ebpf_build import cflags  # noqa: F401 (the programs' parameters, tested here)
 from agent.redirect.base import Finding, RedirectError
+from agent.redirect.cgroup import cgroup2_mounts, cgroup_dir  # noqa: F401 (also the names tests use)
 from agent.redirect.origdst import NoOriginalDestination
 from controller.api import Workload
 
 log = logging.getLogger("nodemesh.agent.redirect")
 
 STATE_DIR = "/run/nodemesh/ebpf"
-CGROUP_ROOT = "/sys/fs/cgroup"
+HOST_NETNS = "/proc/self/ns/net"        # the host namespace: the agent's own
 
 # the cgroup hooks, in attach order (sockops first, so every redirected connect is re-keyed)
 CGROUP_HOOKS = (("nm_sockops", bpfmaps.ATTACH_CGROUP_SOCK_OPS),
                 ("nm_connect4", bpfmaps.ATTACH_INET4_CONNECT),
                 ("nm_connect6", bpfmaps.ATTACH_INET6_CONNECT))
 OUR_PROGRAMS = frozenset({"nm_sockops", "nm_connect4", "nm_connect6", "nm_sk_lookup"})
-
-
-# --- cgroup paths (pure) -----------------------------------------------------------------------
-
-def cgroup2_mounts(mounts_text: str | None = None) -> list[str]:
-    """Mount points of cgroup2 file systems (from /proc/self/mounts unless given)."""
-    if mounts_text is None:
-        mounts_text = Path("/proc/self/mounts").read_text()
-    return [f[1] for f in (line.split() for line in mounts_text.splitlines()) if len(f) > 2 and f[2] == "cgroup2"]
-
-
-def cgroup_dir(spec_cgroup: str, mounts: list[str]) -> str:
-    """The directory of ``spec_cgroup`` on a cgroup2 mount: a path already on one is kept,
-    ``/sys/fs/cgroup/X`` maps to ``<mount>/X`` (hybrid layout), a relative path is relative to
-    the mount. Raises RedirectError without cgroup2 or for an empty path."""
-    if not spec_cgroup:
-        raise RedirectError("no cgroup: the ebpf mode attaches to spec.cgroup (use --redirect iptables "
-                            "for workloads known only by netns)")
-    if not mounts:
-        raise RedirectError("no cgroup2 file system is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)")
-    path = os.path.normpath(spec_cgroup)
-    for m in mounts:
-        if path == m or path.startswith(m.rstrip("/") + "/"):
-            return path
-    mount = mounts[0]
-    if path == CGROUP_ROOT or path.startswith(CGROUP_ROOT + "/"):
-        rest = path[len(CGROUP_ROOT):].lstrip("/")
-    elif not os.path.isabs(path):
-        rest = path
-    else:
-        raise RedirectError(f"cgroup {spec_cgroup} is not on the cgroup2 file system ({mount})")
-    return os.path.join(mount, rest) if rest else mount
 
 
 def _name(w: Workload) -> str:
@@ -158,6 +135,8 @@ class _Enrolment:
     own: list[str]                   # IPv4 addresses entered in own_addrs
     link_fd: int = -1                # sk_lookup link on the netns
     inbound: list[str] = field(default_factory=list)   # IPv4 keys in inbound_listeners
+    cgroup_id: int = 0               # a host workload's cgroup id (its directory's inode number)
+    host_keys: list[tuple[str, int]] = field(default_factory=list)   # keys in host_inbound
 
 
 class EbpfRedirector:
@@ -166,7 +145,8 @@ class EbpfRedirector:
     ``instance`` names this agent's record of attached cgroups (``<state_dir>/<instance>.json``):
     agents sharing one kernel (the lab) must use different instances, or one's ``start`` would
     detach the other's cgroups. Extra over the interface: ``register_inbound_socket`` /
-    ``unregister_inbound_socket`` for the 15006 listener the agent owns.
+    ``unregister_inbound_socket`` for the 15006 listener the agent owns, and
+    ``register_host_inbound`` / ``host_origin`` for host workloads.
     """
 
     mode = "ebpf"
@@ -178,6 +158,8 @@ class EbpfRedirector:
         self._maps: dict[str, int] = {}
         self._prog_ids: list[int] = []           # kernel ids of _progs, for the record
         self._enrolled: dict[tuple[str, str], _Enrolment] = {}
+        self._by_cgroup: dict[int, tuple[str, str]] = {}   # cgroup id -> host workload
+        self._host_link = -1                     # sk_lookup link on the host netns (host workloads)
         self._lock = threading.Lock()            # enrol/unenrol run in worker threads
 
     # -- lifecycle --
@@ -255,14 +237,22 @@ class EbpfRedirector:
                 self._set_own(e, _ipv4(w.spec.addresses))
                 self._attach_cgroup(cg)
                 if e.netns and e.link_fd < 0:
-                    fd = os.open(netns_path(e.netns), os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        e.link_fd = bpfmaps.link_create(self._progs["nm_sk_lookup"], fd, bpfmaps.ATTACH_SK_LOOKUP)
-                    finally:
-                        os.close(fd)
+                    e.link_fd = self._link_sk_lookup(netns_path(e.netns))
+                if not e.netns:             # a host workload: told apart by its cgroup id
+                    e.cgroup_id = os.stat(cg).st_ino
+                    self._by_cgroup[e.cgroup_id] = key
+                    if self._host_link < 0:
+                        self._host_link = self._link_sk_lookup(HOST_NETNS)
             except OSError as err:
                 self._unenrol_locked(key)
                 raise RedirectError(f"{_name(w)}: attaching to {cg} / {e.netns or 'host netns'} failed: {err}") from err
+
+    def _link_sk_lookup(self, path: str) -> int:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return bpfmaps.link_create(self._progs["nm_sk_lookup"], fd, bpfmaps.ATTACH_SK_LOOKUP)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _cookie(netns: str) -> int:
@@ -307,6 +297,12 @@ class EbpfRedirector:
             e.link_fd = -1
         for a in e.inbound:
             bpfmaps.map_delete(self._maps["inbound_listeners"], ctypes.c_uint32(bpfmaps.ip4_u32(a)))
+        self._set_host_inbound(e, {})
+        for cgid in [i for i, k in self._by_cgroup.items() if k == key]:
+            del self._by_cgroup[cgid]
+        if self._host_link >= 0 and not any(not o.netns for o in self._enrolled.values()):
+            os.close(self._host_link)          # the last host workload: unlink the host netns
+            self._host_link = -1
         self._set_own(e, [])
         if not any(o.cgroup == e.cgroup for o in self._enrolled.values()):
             try:
@@ -340,6 +336,30 @@ class EbpfRedirector:
             raise RedirectError(f"{_name(workload)}: cannot register the 15006 listener: {err}") from err
         e.inbound = sorted(set(e.inbound) | set(addrs))
 
+    def register_host_inbound(self, workload: Workload, sockets: dict) -> None:
+        """Steer outside TCP for a host workload's (IPv4 address, declared port) pairs to its host
+        15006 listener of that address (``sockets``: address -> listening socket), and nothing
+        else of the host's. Call after ``enrol``; again to update. Raises RedirectError."""
+        e = self._enrolled.get((workload.metadata.namespace, workload.metadata.name))
+        if e is None or e.netns:
+            raise RedirectError(f"{_name(workload)}: register_host_inbound needs an enrolled host workload")
+        wanted = {(a, p): sockets[a] for a in _ipv4(workload.spec.addresses) if a in sockets
+                  for p in workload.spec.ports}
+        try:
+            with self._lock:
+                self._set_host_inbound(e, wanted)
+        except OSError as err:
+            raise RedirectError(f"{_name(workload)}: cannot register the host 15006 listener: {err}") from err
+
+    def _set_host_inbound(self, e: _Enrolment, wanted: dict) -> None:
+        fd = self._maps["host_inbound"]
+        for a, p in set(e.host_keys) - set(wanted):
+            bpfmaps.map_delete(fd, bpfmaps.HostPortKey(bpfmaps.ip4_u32(a), p, 0))
+        for (a, p), sock in wanted.items():
+            raw = getattr(sock, "socket", sock)
+            bpfmaps.map_update(fd, bpfmaps.HostPortKey(bpfmaps.ip4_u32(a), p, 0), ctypes.c_uint32(raw.fileno()))
+        e.host_keys = sorted(wanted)
+
     def unregister_inbound_socket(self, workload: Workload) -> None:
         e = self._enrolled.get((workload.metadata.namespace, workload.metadata.name))
         if e is not None:
@@ -361,6 +381,10 @@ class EbpfRedirector:
         local = sock.getsockname()
         if sock.family == socket.AF_INET and local[1] != OUTBOUND_PORT:
             return local[0], local[1]
+        return self._redirected(sock).address()
+
+    def _redirected(self, sock) -> bpfmaps.Origdst:
+        """The origdst entry of a connection accepted on a 15001, read and deleted."""
         peer = sock.getpeername()
         if sock.family != socket.AF_INET or "origdst_by_peer" not in self._maps:
             raise NoOriginalDestination(None, f"no original destination for {peer[0]}:{peer[1]}: "
@@ -370,13 +394,43 @@ class EbpfRedirector:
         if not bpfmaps.map_lookup(self._maps["origdst_by_peer"], key, value, delete=True):
             raise NoOriginalDestination(None, f"no original destination for {peer[0]}:{peer[1]}: was the "
                                               "connection redirected by this agent's connect4 program?")
-        return value.address()
+        return value
+
+    def host_origin(self, sock) -> tuple[tuple[str, str], tuple[str, int]]:
+        """For a connection accepted on the host netns's 15001: which enrolled host workload made
+        it, as (namespace, name), and its original destination; from the entry connect4 wrote
+        (read and deleted), whose cgroup id is the connecting process's cgroup — the workload's
+        own or one below it (a service's sub-cgroups). Raises NoOriginalDestination."""
+        value = self._redirected(sock)
+        key = self._by_cgroup.get(value.cgroup_id)
+        if key is None:
+            key = self._below_host_cgroup(value.cgroup_id)
+        if key is None:
+            raise NoOriginalDestination(None, f"connection to {value.address()} from cgroup id "
+                                              f"{value.cgroup_id}, which is no enrolled host workload's")
+        return key, value.address()
+
+    def _below_host_cgroup(self, cgroup_id: int) -> tuple[str, str] | None:
+        """The host workload whose cgroup has ``cgroup_id`` as a descendant (then remembered)."""
+        with self._lock:
+            for key, e in self._enrolled.items():
+                if e.netns:
+                    continue
+                for dirpath, _, _ in os.walk(e.cgroup):
+                    try:
+                        if os.stat(dirpath).st_ino == cgroup_id:
+                            self._by_cgroup[cgroup_id] = key
+                            return key
+                    except OSError:
+                        continue
+        return None
 
     # -- doctor --
 
     def check(self, workload: Workload) -> list[Finding]:
         """Programs attached to the workload's cgroup (ours, or a stale copy), maps present,
-        sk_lookup link and 15006 listener for a pod."""
+        sk_lookup link and 15006 listener for a pod; for a host workload its cgroup id mapped, the
+        host netns's sk_lookup link and its (address, port) pairs steered to 15006."""
         name = _name(workload)
         if self._bpf is None:
             return [Finding("FAIL", f"{name}: ebpf redirector not started (programs not loaded)")]
@@ -399,14 +453,31 @@ class EbpfRedirector:
         finally:
             os.close(fd)
         e = self._enrolled.get((workload.metadata.namespace, workload.metadata.name))
-        if workload.spec.netns:
-            if e is not None and e.link_fd >= 0:
-                out.append(Finding("ok", f"{name}: sk_lookup linked to {workload.spec.netns}"))
-            else:
-                out.append(Finding("FAIL", f"{name}: no sk_lookup link on {workload.spec.netns}"))
-            if e is None or not e.inbound:
-                out.append(Finding("WARN", f"{name}: no 15006 listener registered: inbound plaintext "
-                                           "reaches the app directly"))
+        if not workload.spec.netns:
+            return out + self._check_host(workload, e)
+        if e is not None and e.link_fd >= 0:
+            out.append(Finding("ok", f"{name}: sk_lookup linked to {workload.spec.netns}"))
+        else:
+            out.append(Finding("FAIL", f"{name}: no sk_lookup link on {workload.spec.netns}"))
+        if e is None or not e.inbound:
+            out.append(Finding("WARN", f"{name}: no 15006 listener registered: inbound plaintext "
+                                       "reaches the app directly"))
+        return out
+
+    def _check_host(self, workload: Workload, e: _Enrolment | None) -> list[Finding]:
+        name = _name(workload)
+        out = []
+        if e is None or e.cgroup_id not in self._by_cgroup:
+            out.append(Finding("FAIL", f"{name}: host workload not enrolled (its cgroup id is not mapped)"))
+        if self._host_link >= 0:
+            out.append(Finding("ok", f"{name}: sk_lookup linked to the host netns"))
+        else:
+            out.append(Finding("FAIL", f"{name}: no sk_lookup link on the host netns"))
+        wanted = {(a, p) for a in _ipv4(workload.spec.addresses) for p in workload.spec.ports}
+        if e is not None and wanted and set(e.host_keys) != wanted:
+            out.append(Finding("WARN", f"{name}: host 15006 not registered for "
+                                       f"{', '.join(f'{a}:{p}' for a, p in sorted(wanted - set(e.host_keys)))}: "
+                                       "inbound plaintext reaches the service directly"))
         return out
 
     # -- the record of attached cgroups --

@@ -32,7 +32,7 @@ def _bpf_dir() -> Path:
 BPF_DIR = _bpf_dir()
 PROGRAM_FILES = ("cgroup_connect4_redirect.c", "sockops_origdst.c", "sk_lookup_inbound.c")
 
-MAPS = ("origdst_by_peer", "origdst_by_cookie", "own_addrs", "inbound_listeners")
+MAPS = ("origdst_by_peer", "origdst_by_cookie", "own_addrs", "inbound_listeners", "host_inbound")
 BUILD_TIMEOUT = 120.0                  # seconds; a compile takes 0.5–2.5 s here
 
 

@@ -12,7 +12,7 @@ import logging
 import trio
 
 from agent.redirect.base import Finding, RedirectError, Redirector
-from agent.redirect.origdst import so_original_dst
+from agent.redirect.origdst import NoOriginalDestination, so_original_dst
 from controller.api import Workload
 
 log = logging.getLogger("nodemesh.agent.redirect")
@@ -36,6 +36,9 @@ class NoRedirect:
 
     def original_destination_sync(self, sock) -> tuple[str, int]:
         return so_original_dst(sock)
+
+    def host_origin(self, sock) -> tuple[tuple[str, str], tuple[str, int]]:
+        raise NoOriginalDestination(None, "redirect mode 'none' cannot tell host workloads apart")
 
     def check(self, workload: Workload) -> list[Finding]:
         return [Finding("WARN", f"{workload.metadata.namespace}/{workload.metadata.name}: redirect mode "
