@@ -117,7 +117,7 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         listeners = Listeners(Handlers(outbound.handle, inbound.plaintext, inbound.hbone,
                                        serve_outbound=fast.serve))
         # host workloads' 15001 goes through the trio handler: the fast path serves pods' listeners
-        host = HostListeners(Handlers(outbound.handle, inbound.plaintext, inbound.hbone),
+        host_listeners = HostListeners(Handlers(outbound.handle, inbound.plaintext, inbound.hbone),
                              redirector.host_origin)
 
         def ready() -> tuple[bool, str]:
@@ -125,8 +125,8 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 return False, "no configuration yet (waiting for the controller)"
             if certs.errors:
                 return False, "not in place: " + "; ".join(f"{what}: {e}" for what, e in certs.errors.items())
-            if not (listeners.ready(holder.current) and host.ready(holder.current)):
-                failed = {k: v.error for k, v in {**listeners.status(), **host.status()}.items() if v.error}
+            if not (listeners.ready(holder.current) and host_listeners.ready(holder.current)):
+                failed = {k: v.error for k, v in {**listeners.status(), **host_listeners.status()}.items() if v.error}
                 return False, f"listeners not open: {failed or 'opening'}"
             missing = [f"{w.metadata.namespace}/{w.metadata.name}" for w in holder.current.local_workloads
                        if (w.spec.netns or w.spec.cgroup)
@@ -139,19 +139,19 @@ async def run(cfg: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         await nursery.start(identity.run)
         await nursery.start(registry.run, holder)
         await nursery.start(listeners.run)
-        await nursery.start(host.run)
+        await nursery.start(host_listeners.run)
         await nursery.start(partial(run_sync, cp, holder, node=cfg.node, path=cfg.state_dir / "snapshot.json",
                                     status=status))
         await redirector.start(list(holder.current.local_workloads))
-        nursery.start_soon(_follow_snapshots, holder, (listeners, host), pools, identity, certs, redirector)
+        nursery.start_soon(_follow_snapshots, holder, (listeners, host_listeners), pools, identity, certs, redirector)
         nursery.start_soon(_refresh_bundle, cp, identity, node_uri, creds)
         nursery.start_soon(_report, cp, status, ready)
         for (host, port), routes in (
                 (cfg.admin, {**admin_routes(config_dump=lambda: _config_dump(holder, status),
                                             certs=lambda: _certs(identity),
-                                            workloads=lambda: _workloads(holder, listeners, host)),
+                                            workloads=lambda: _workloads(holder, listeners, host_listeners)),
                              "/redirect": partial(_redirect_report, redirector, holder),
-                             "/check": partial(_check_report, redirector, holder, listeners, host)}),
+                             "/check": partial(_check_report, redirector, holder, listeners, host_listeners)}),
                 (cfg.metrics, metrics_routes(metrics)),
                 (cfg.ready, ready_routes(ready))):
             await nursery.start(partial(serve_http, routes, host, port))

@@ -120,7 +120,8 @@ def up(run: Path, nodes: int, pods_per_node: int, redirect: str, api_port: int, 
     step(f"network: bridge {topo.bridge}, {len(topo.nodes)} node and {len(topo.pods)} pod namespaces")
     try:
         net.apply(topo)
-        for path in (f"{topo.cgroup_parent}/{SYSTEM_CGROUP}", *(p.cgroup for p in topo.pods)):
+        for path in (f"{topo.cgroup_parent}/{SYSTEM_CGROUP}", *(p.cgroup for p in topo.pods),
+                     *(h.cgroup for h in topo.hosts)):
             cgroups.ensure(path)
     except (net.NetError, OSError) as e:
         raise click.ClickException(f"cannot build the lab network: {e}") from None
@@ -137,12 +138,17 @@ def up(run: Path, nodes: int, pods_per_node: int, redirect: str, api_port: int, 
                 "--listen", f"{topo.controller_ip}:{api_port}",
                 "--metrics-listen", f"{topo.controller_ip}:{metrics_port}"])
     apps = [p for p in topo.pods if p.port and procs.pid_of(run, f"app-{p.name}") is None]
-    if apps:
-        step(f"starting {len(apps)} demo apps in their pods")
+    hosts = [h for h in topo.hosts if procs.pid_of(run, f"app-{h.name}") is None]
+    if apps or hosts:
+        step(f"starting {len(apps)} demo apps in their pods" + (f", {len(hosts)} host service(s)" if hosts else ""))
     for pod in apps:
         args = (["http", "--name", pod.name] if pod.app == "web" else [pod.app]) + ["--port", str(pod.port)]
         _start(run, f"app-{pod.name}", pod.cgroup,
                ["ip", "netns", "exec", pod.netns, sys.executable, "-m", "agent.lab.apps", *args])
+    for host in hosts:       # in its node's own netns, in a cgroup of its own: a host workload
+        _start(run, f"app-{host.name}", host.cgroup,
+               ["nsenter", f"--net={host.node_netns_path}", "--", sys.executable, "-m", "agent.lab.apps",
+                "http", "--name", host.name, "--port", str(host.port)])
     step("waiting for the controller")
     _wait_controller(run, topo.controller_ip, api_port)
 
@@ -220,8 +226,9 @@ def ready(node: Node, timeout: float = 2.0) -> tuple[bool, str]:
         return False, f"no answer ({getattr(e, 'reason', e)})"
 
 
-def hooks(node: Node, timeout: float = 2.0) -> tuple[bool, str]:
-    """Are the redirect hooks of every pod of ``node`` in place? From the agent's admin /redirect
+def hooks(node: Node, timeout: float = 2.0, hosts: tuple = ()) -> tuple[bool, str]:
+    """Are the redirect hooks of every pod of ``node`` (and of ``hosts``, its host services) in
+    place? From the agent's admin /redirect
     (127.0.0.1:15000 inside the node netns): (all in place, a summary)."""
     p = subprocess.run(["nsenter", f"--net={node.netns_path}", "curl", "-sS", "--max-time", str(timeout),
                         f"http://127.0.0.1:{ADMIN_PORT}/redirect"], capture_output=True, text=True,
@@ -232,11 +239,14 @@ def hooks(node: Node, timeout: float = 2.0) -> tuple[bool, str]:
     except (ValueError, KeyError, TypeError):
         return False, f"no /redirect report ({p.stderr.strip() or p.stdout.strip()[:200]})"
     bad = [f["message"] for f in findings if f["level"] != "ok"]
-    missing = [pod.name for pod in node.pods
-               if not any(f["message"].startswith(f"{demo.NAMESPACE}/{pod.name}:") for f in findings)]
+    names = [pod.name for pod in node.pods] + [h.name for h in hosts if h.node == node.name]
+    missing = [name for name in names
+               if not any(f["message"].startswith(f"{demo.NAMESPACE}/{name}:") for f in findings)]
     if bad or missing:
         return False, f"redirect {report.get('mode')}: " + "; ".join(bad + [f"{m}: no hooks yet" for m in missing])
-    return True, f"redirect {report.get('mode')}: hooks in place for {len(node.pods)} pods"
+    extra = len(names) - len(node.pods)
+    return True, (f"redirect {report.get('mode')}: hooks in place for {len(node.pods)} pods"
+                  + (f" and {extra} host service(s)" if extra else ""))
 
 
 def _wait_agents(run: Path, topo: Topology, timeout: float) -> None:
@@ -248,10 +258,10 @@ def _wait_agents(run: Path, topo: Topology, timeout: float) -> None:
         for node in list(pending):
             if procs.pid_of(run, f"agent-{node.name}") is None:
                 raise click.ClickException(f"the agent of {node.name} exited:\n{_tail(run, f'agent-{node.name}')}")
-            if ready(node, timeout=1.0)[0] and hooks(node, timeout=1.0)[0]:
+            if ready(node, timeout=1.0)[0] and hooks(node, timeout=1.0, hosts=topo.hosts)[0]:
                 pending.remove(node)
         if pending and time.monotonic() > deadline:
-            why = "; ".join(f"{n.name}: {ready(n)[1]}, {hooks(n)[1]}" for n in pending)
+            why = "; ".join(f"{n.name}: {ready(n)[1]}, {hooks(n, hosts=topo.hosts)[1]}" for n in pending)
             raise click.ClickException(f"agents not ready within {timeout:.0f}s: {why}\n"
                                        f"(logs: {run}/logs/agent-<node>.log)")
         if pending:
@@ -284,14 +294,21 @@ def _summary(run: Path, cfg: LabConfig, topo: Topology, seconds: float) -> str:
         for pod in node.pods:
             what = f"{pod.app} app on :{pod.port}" if pod.port else "no app: exec into it to call the services"
             lines.append(f"    {pod.name:<10}  netns {pod.netns:<16} {pod.address:<11} {what}")
-    lines += [f"  services    web 10.96.0.10:80 -> 8080 (http), echo 10.96.0.20:9000 (tcp); mTLS STRICT",
-              f"  policies    web-from-client: client may call web; echo-only-from-client: web -> echo is denied",
+        for host in (h for h in topo.hosts if h.node == node.name):
+            lines.append(f"    {host.name:<10}  host service: no netns (the node's), cgroup {host.cgroup}, "
+                         f"{host.address}, http app on :{host.port}")
+    lines += [f"  services    web 10.96.0.10:80 -> 8080 (http), echo 10.96.0.20:9000 (tcp), "
+              f"hostsvc 10.96.0.30:80 -> 8090 (http, the host service); mTLS STRICT",
+              f"  policies    web-from-client, web-from-hostsvc: client and hostsvc may call web; "
+              f"echo-only-from-client: web -> echo is denied",
               f"  logs        {run}/logs/  (controller, agent-<node>, access-<node>, app-<pod>)",
               "", "Try:",
               f"  sudo scripts/lab exec{d} client-1 -- curl -s http://10.96.0.10/",
               f"  sudo scripts/lab exec{d} client-1 -- bash -c 'exec 3<>/dev/tcp/10.96.0.20/9000; echo hello >&3; head -1 <&3'",
               f"  sudo scripts/lab exec{d} web-1 -- bash -c 'exec 3<>/dev/tcp/10.96.0.20/9000; echo hello >&3; head -1 <&3'"
               "   # denied",
+              f"  sudo scripts/lab exec{d} web-2 -- curl -s http://10.96.0.30/      # a pod calls the host service",
+              f"  sudo scripts/lab exec{d} hostsvc-1 -- curl -s http://10.96.0.10/  # the host service calls web",
               f"  sudo NODEMESH_CONFIG={run}/config.yaml {nm} get workloads -A -o wide",
               f"  sudo scripts/lab status{d}",
               f"  sudo scripts/lab down{d}        # remove everything the lab made", ""]
@@ -351,12 +368,15 @@ def status(run: Path) -> None:
         click.echo(f"{node.name:<10}  netns {ns(node.netns)}  {node.fabric_address}  zone {node.zone}  "
                    f"agent {proc('agent-' + node.name)}  {why if ok else 'NOT READY: ' + why}")
         if ok and state is not None:
-            hooked, what = hooks(node)
+            hooked, what = hooks(node, hosts=topo.hosts)
             bad += not hooked
             click.echo(f"{'':<10}  {what if hooked else 'NOT IN PLACE: ' + what}")
         for pod in node.pods:
             app = f"app {proc('app-' + pod.name)}" if pod.port else "no app"
             click.echo(f"  {pod.name:<10}  netns {ns(pod.netns):<16}  {pod.address:<11} {app}")
+        for host in (h for h in topo.hosts if h.node == node.name):
+            click.echo(f"  {host.name:<10}  host service (node netns, cgroup {host.cgroup})  {host.address:<11} "
+                       f"app {proc('app-' + host.name)}")
     p = _nodemesh("get", "workloads", "-A", "-o", "wide", run=run, check=False)
     click.echo(p.stdout or p.stderr, nl=False)
     if bad or p.returncode:
@@ -371,7 +391,8 @@ def exec_(run: Path, pod: str, cmd: tuple[str, ...]) -> None:
     """Run a command in a pod (its cgroup, then its netns).
 
     CMD runs in POD's cgroup and network namespace (a node name, node-N, enters that node's
-    netns); stdin and stdout pass through and the exit code is CMD's:
+    netns; a host service, hostsvc-1, its cgroup and its node's netns, so CMD is that host
+    workload); stdin and stdout pass through and the exit code is CMD's:
 
         lab exec client-1 -- curl -s http://10.96.0.10/
     """
@@ -380,11 +401,12 @@ def exec_(run: Path, pod: str, cmd: tuple[str, ...]) -> None:
         cmd = cmd[1:]
     if not cmd:
         raise click.UsageError("no command given: lab exec POD -- CMD...")
-    netns = f"{PREFIX}-{pod}"
+    cfg = _load(run)
+    host = next((h for h in cfg.topology().hosts if h.name == pod), None) if cfg else None
+    netns = host.node_netns if host else f"{PREFIX}-{pod}"
     if not os.path.exists(f"/var/run/netns/{netns}"):
         have = sorted(n.removeprefix(PREFIX + "-") for n in net.netns_list() if n.startswith(PREFIX + "-"))
         raise click.ClickException(f"no pod or node {pod!r} in the lab; there are: {', '.join(have) or 'none (lab up?)'}")
-    cfg = _load(run)
     root = cfg.cgroup_root if cfg else cgroups.find_root()
     cgroup = f"{root}/{PREFIX}/{pod}" if root else None
     if cgroup and os.path.isdir(cgroup) and not pod.startswith("node-"):

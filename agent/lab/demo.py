@@ -1,24 +1,27 @@
 """demo.py: the lab's demo mesh, generated from the topology (pure: no I/O).
 
-One Mesh (STRICT mTLS), a Workload per pod (its netns, cgroup, address, node and zone), the
-Services ``web`` (10.96.0.10:80 -> 8080, http) and ``echo`` (10.96.0.20:9000, tcp), and two
-policies: ``client`` may call ``web``, and ``echo`` takes connections only from ``client`` (so a
-web pod calling echo shows a deny). ``lab up`` writes the result to ``<run>/mesh.yaml`` and
+One Mesh (STRICT mTLS), a Workload per pod (its netns, cgroup, address, node and zone) and one
+for the host service (its cgroup and no netns: served from the node's own namespace, at the
+node's address), the Services ``web`` (10.96.0.10:80 -> 8080, http), ``echo`` (10.96.0.20:9000,
+tcp) and ``hostsvc`` (10.96.0.30:80 -> 8090, http, the host service), and three policies:
+``client`` may call ``web``, so may the host service, and ``echo`` takes connections only from
+``client`` (so a web pod calling echo shows a deny). ``lab up`` writes the result to ``<run>/mesh.yaml`` and
 applies it; edit that file and ``nodemesh apply -f`` it again to experiment.
 """
 from __future__ import annotations
 
 import yaml
 
-from agent.lab.topology import APP_PORTS, Topology
+from agent.lab.topology import APP_PORTS, HOST_SERVICE, HOST_SERVICE_PORT, Topology
 
 API = "nodemesh.io/v1alpha1"
 NAMESPACE = "shop"
 TRUST_DOMAIN = "cluster.local"
 REGION = "lab"
-VIPS = {"web": "10.96.0.10", "echo": "10.96.0.20"}
+VIPS = {"web": "10.96.0.10", "echo": "10.96.0.20", HOST_SERVICE: "10.96.0.30"}
 SERVICE_PORTS = {"web": {"name": "http", "port": 80, "targetPort": APP_PORTS["web"], "protocol": "http"},
-                 "echo": {"name": "tcp-echo", "port": APP_PORTS["echo"], "protocol": "tcp"}}
+                 "echo": {"name": "tcp-echo", "port": APP_PORTS["echo"], "protocol": "tcp"},
+                 HOST_SERVICE: {"name": "http", "port": 80, "targetPort": HOST_SERVICE_PORT, "protocol": "http"}}
 
 
 def principal(service_account: str) -> str:
@@ -45,6 +48,13 @@ def resources(topo: Topology) -> list[dict]:
             docs.append({"apiVersion": API, "kind": "Workload",
                          "metadata": {"name": pod.name, "namespace": NAMESPACE, "labels": {"app": pod.app}},
                          "spec": spec})
+    for host in topo.hosts:              # no netns: enrolled by cgroup, served from the node's netns
+        node = topo.node(host.node)
+        docs.append({"apiVersion": API, "kind": "Workload",
+                     "metadata": {"name": host.name, "namespace": NAMESPACE, "labels": {"app": host.app}},
+                     "spec": {"node": host.node, "serviceAccount": host.app, "addresses": [host.address],
+                              "locality": {"region": REGION, "zone": node.zone}, "cgroup": host.cgroup,
+                              "ports": [host.port]}})
     for app, vip in VIPS.items():
         spec = {"addresses": [vip], "selector": {"app": app}, "ports": [dict(SERVICE_PORTS[app])]}
         if app == "web":
@@ -52,6 +62,8 @@ def resources(topo: Topology) -> list[dict]:
         docs.append({"apiVersion": API, "kind": "Service", "metadata": {"name": app, "namespace": NAMESPACE},
                      "spec": spec})
     docs.append(_allow("web-from-client", "web", "client", APP_PORTS["web"]))
+    if topo.hosts:
+        docs.append(_allow("web-from-hostsvc", "web", HOST_SERVICE, APP_PORTS["web"]))
     docs.append(_allow("echo-only-from-client", "echo", "client", APP_PORTS["echo"]))
     return docs
 

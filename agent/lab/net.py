@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 
-from agent.lab.topology import BRIDGE, LAB_CIDR, PREFIX, Node, Pod, Topology
+from agent.lab.topology import BRIDGE, LAB_CIDR, PREFIX, SERVICE_CIDR, Node, Pod, Topology
 
 # Bridged frames pass netfilter here (br_netfilter is built in), so a host whose FORWARD policy
 # is DROP (Docker sets that) would cut the fabric; this rule lets lab traffic through, scoped to
@@ -107,6 +107,11 @@ def _ensure_node(topo: Topology, node: Node, existing: set[str]) -> None:
     _ip("link", "set", node.host_veth, "master", topo.bridge, "up")
     _ip("addr", "replace", f"{node.fabric_address}/{topo.fabric_cidr.split('/')[1]}", "dev", "eth0", ns=node.netns)
     _ip("link", "set", "eth0", "up", ns=node.netns)
+    # A host's own processes reach Service VIPs by its default route; a node netns has none, so
+    # the VIP range goes to the fabric link: a host service's connect() to a VIP then gets as far
+    # as the iptables redirect (which runs after the route lookup), and anything not redirected
+    # stays in the lab (nothing on the fabric answers for a VIP).
+    _ip("route", "replace", SERVICE_CIDR, "dev", "eth0", "src", node.fabric_address, ns=node.netns)
     if node.pod_bridge not in inside:
         _ip("link", "add", node.pod_bridge, "type", "bridge", ns=node.netns)
     _ip("addr", "replace", f"{node.pod_gateway}/{node.pod_cidr.split('/')[1]}", "dev", node.pod_bridge, ns=node.netns)

@@ -7,7 +7,13 @@ lab's own namespaces, never an outside address):
     10.10.0.0/24    the fabric: bridge ``nmlab-br`` in the host netns is 10.10.0.1 (the
                     controller listens there); node N's fabric address is 10.10.0.(10+N)
     10.10.N.0/24    node N's pods: the node's pod bridge is 10.10.N.1, pods 10.10.N.2, .3, ...
-    10.96.0.0/16    Service VIPs (web 10.96.0.10, echo 10.96.0.20); routed nowhere, only redirected
+    10.96.0.0/16    Service VIPs (web 10.96.0.10, echo 10.96.0.20, hostsvc 10.96.0.30); only
+                    redirected: answered nowhere (a node netns routes them to its fabric link,
+                    as a host's default route would, so host processes can connect() to them)
+
+A host service (``hostsvc-1`` on node-1) is a plain process in the node's own netns, in a cgroup
+of its own under the lab's tree, with no netns: a Workload by ``spec.cgroup`` whose address is
+the node's fabric address, as a systemd service on a real host would be.
 
 Every kernel object starts with ``nmlab`` (netns ``nmlab-node-N`` / ``nmlab-<pod>``, host links
 ``nmlab-br`` / ``nmlab-nN``, cgroups under ``<cgroup root>/nmlab``), so ``lab down`` finds
@@ -21,6 +27,7 @@ PREFIX = "nmlab"
 BRIDGE = "nmlab-br"
 FABRIC_CIDR = "10.10.0.0/24"
 LAB_CIDR = "10.10.0.0/16"
+SERVICE_CIDR = "10.96.0.0/16"       # Service VIPs: in node netns routed to the fabric link (net.py)
 CONTROLLER_IP = "10.10.0.1"
 CGROUP_ROOT = "/sys/fs/cgroup/unified"
 MAX_NODES = 200                     # 10.10.0.(10+N) and 10.10.N.0/24 both need N <= 244
@@ -28,6 +35,8 @@ MAX_PODS_PER_NODE = 200             # 10.10.N.2 .. and the client pod on node-1
 APPS = ("web", "echo")              # app pods alternate between these, across nodes
 APP_PORTS = {"web": 8080, "echo": 9000}
 CLIENT_POD = "client-1"             # an extra pod on node-1 that runs nothing: `lab exec` into it
+HOST_SERVICE = "hostsvc"            # the host service's app (and service account) on node-1
+HOST_SERVICE_PORT = 8090
 
 
 class PlanError(ValueError):
@@ -54,6 +63,23 @@ class Pod:
     def node_veth(self) -> str:
         """The pod's veth end inside its node's netns (the pod's own end is ``eth0``)."""
         return f"{PREFIX}-p{self.index}"
+
+
+@dataclass(frozen=True)
+class HostService:
+    """A process in its node's netns and its own cgroup: a host workload (cgroup, no netns)."""
+
+    name: str               # "hostsvc-1"
+    app: str                # "hostsvc"
+    node: str               # "node-1"
+    address: str            # the node's fabric address, "10.10.0.11"
+    node_netns: str         # "nmlab-node-1": where it runs
+    cgroup: str             # "/sys/fs/cgroup/unified/nmlab/hostsvc-1"
+    port: int               # 8090
+
+    @property
+    def node_netns_path(self) -> str:
+        return f"/var/run/netns/{self.node_netns}"
 
 
 @dataclass(frozen=True)
@@ -85,10 +111,17 @@ class Topology:
     controller_ip: str = CONTROLLER_IP
     fabric_cidr: str = FABRIC_CIDR
     cgroup_parent: str = f"{CGROUP_ROOT}/{PREFIX}"
+    hosts: tuple[HostService, ...] = ()
 
     @property
     def pods(self) -> tuple[Pod, ...]:
         return tuple(p for n in self.nodes for p in n.pods)
+
+    def host(self, name: str) -> HostService:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
 
     def pod(self, name: str) -> Pod:
         for p in self.pods:
@@ -118,7 +151,8 @@ def plan(nodes: int = 2, pods_per_node: int = 2, cgroup_root: str = CGROUP_ROOT)
 
     App pods alternate web, echo, web, ... counting across nodes, so replicas of each Service
     spread over the nodes (2x2: node-1 web-1 echo-1, node-2 web-2 echo-2). node-1 also gets
-    ``client-1``, the pod to call the Services from. Raises PlanError for sizes out of range.
+    ``client-1``, the pod to call the Services from, and the host service ``hostsvc-1`` (a
+    process in node-1's own netns, by cgroup). Raises PlanError for sizes out of range.
     """
     if not 1 <= nodes <= MAX_NODES:
         raise PlanError(f"--nodes must be 1..{MAX_NODES}, got {nodes}")
@@ -143,4 +177,7 @@ def plan(nodes: int = 2, pods_per_node: int = 2, cgroup_root: str = CGROUP_ROOT)
         out.append(Node(name=node_name, number=n, netns=f"{PREFIX}-{node_name}", fabric_address=f"10.10.0.{10 + n}",
                         host_veth=f"{PREFIX}-n{n}", pod_cidr=f"10.10.{n}.0/24", pod_gateway=gateway,
                         zone=zone_of(n), pods=pods))
-    return Topology(nodes=tuple(out), cgroup_parent=parent)
+    first = out[0]
+    host = HostService(name=f"{HOST_SERVICE}-1", app=HOST_SERVICE, node=first.name, address=first.fabric_address,
+                       node_netns=first.netns, cgroup=f"{parent}/{HOST_SERVICE}-1", port=HOST_SERVICE_PORT)
+    return Topology(nodes=tuple(out), cgroup_parent=parent, hosts=(host,))

@@ -314,7 +314,8 @@ class IptablesRedirector:
                 out.append(Finding("FAIL", f"{name}: {table} {hook} of the host netns does not jump to {chain}"))
         mine = [line for line in plan_host_rules([h]).splitlines()   # this workload's own rules
                 if (line.startswith("-A ") and h.cgroup in line) or line.startswith(f"-A {HOST_IN_CHAIN} -d ")]
-        missing = [line for line in mine if line not in have.splitlines()]
+        saved = set(have.replace('"', "").splitlines())     # iptables-save quotes a path with a "/"
+        missing = [line for line in mine if line not in saved]
         if missing:
             out.append(Finding("FAIL", f"{name}: {len(missing)} of its {len(mine)} host rules missing "
                                        f"(first: {missing[0]})"))

@@ -45,6 +45,8 @@ def test_plan_2x2_names_and_addresses():
     assert (topo.bridge, topo.controller_ip, topo.cgroup_parent) == ("nmlab-br", "10.10.0.1", "/sys/fs/cgroup/unified/nmlab")
     assert topo.pod("web-2").netns_path == "/var/run/netns/nmlab-web-2"
     assert topo.node("node-2").pods == (topo.pod("web-2"), topo.pod("echo-2"))
+    assert [(h.name, h.node, h.address, h.node_netns, h.cgroup, h.port) for h in topo.hosts] == [
+        ("hostsvc-1", "node-1", "10.10.0.11", "nmlab-node-1", "/sys/fs/cgroup/unified/nmlab/hostsvc-1", 8090)]
 
 
 def test_plan_names_are_unique_prefixed_and_fit_the_kernel():
@@ -77,7 +79,7 @@ def test_demo_mesh_is_valid_and_follows_the_topology():
     topo = plan(2, 2)
     resources = parse_manifests(demo.manifest(topo), source="lab")
     kinds = [r.kind for r in resources]
-    assert kinds == ["Mesh"] + ["Workload"] * 5 + ["Service"] * 2 + ["AuthorizationPolicy"] * 2
+    assert kinds == ["Mesh"] + ["Workload"] * 6 + ["Service"] * 3 + ["AuthorizationPolicy"] * 3
     assert resources[0].spec.mtls == "STRICT"
     workloads = {r.metadata.name: r for r in resources if isinstance(r, Workload)}
     web2 = workloads["web-2"].spec
@@ -87,6 +89,11 @@ def test_demo_mesh_is_valid_and_follows_the_topology():
     services = {r.metadata.name: r.spec for r in resources if r.kind == "Service"}
     assert services["web"].addresses == ("10.96.0.10",) and services["web"].ports[0].target_port == 8080
     assert services["echo"].addresses == ("10.96.0.20",) and services["echo"].ports[0].port == 9000
+    # the host service: by cgroup, no netns, at node-1's own address
+    host = workloads["hostsvc-1"].spec
+    assert (host.node, host.addresses, host.netns, host.cgroup, host.ports) == (
+        "node-1", ("10.10.0.11",), "", "/sys/fs/cgroup/unified/nmlab/hostsvc-1", (8090,))
+    assert services["hostsvc"].addresses == ("10.96.0.30",) and services["hostsvc"].ports[0].target_port == 8090
 
 
 # --- the demo apps ----------------------------------------------------------------------------
@@ -217,8 +224,8 @@ def test_lab_up_twice_exec_status_and_down_leaves_nothing(lab_run):
     assert took < UP_BOUND, f"lab up took {took:.1f}s"
     assert "service shop/web created" in out and "NODEMESH_CONFIG=" in out and "lab exec" in out
     pids = all_pids(run)
-    assert sorted(pids) == ["agent-node-1", "agent-node-2", "app-echo-1", "app-echo-2", "app-web-1", "app-web-2",
-                            "controller"]
+    assert sorted(pids) == ["agent-node-1", "agent-node-2", "app-echo-1", "app-echo-2", "app-hostsvc-1",
+                            "app-web-1", "app-web-2", "controller"]
     assert all(pids.values())
     state = net.lab_state()
     assert state["netns"] == ["nmlab-client-1", "nmlab-echo-1", "nmlab-echo-2", "nmlab-node-1", "nmlab-node-2",
@@ -233,6 +240,9 @@ def test_lab_up_twice_exec_status_and_down_leaves_nothing(lab_run):
     assert "inet 10.10.2.2/24" in addr
     cg = lab("exec", "echo-1", "--", "cat", "/proc/self/cgroup", run=run).stdout
     assert "0::/nmlab/echo-1" in cg.splitlines()
+    cg = lab("exec", "hostsvc-1", "--", "cat", "/proc/self/cgroup", run=run).stdout   # the host service's cgroup,
+    assert "0::/nmlab/hostsvc-1" in cg.splitlines()                                   # node-1's netns
+    assert "inet 10.10.0.11/24" in lab("exec", "hostsvc-1", "--", "ip", "-4", "addr", "show", "eth0", run=run).stdout
     assert lab("exec", "client-1", "--", "sh", "-c", "cat; exit 7", run=run, check=False, input="through\n").returncode == 7
     assert lab("exec", "client-1", "--", "cat", run=run, input="through\n").stdout == "through\n"
     route = lab("exec", "node-1", "--", "ip", "route", run=run).stdout
