@@ -22,6 +22,7 @@ NODEMESH_APT_PACKAGES=(
     "linux-headers-$(dpkg --print-architecture 2>/dev/null || echo amd64)"
     iproute2 iptables nftables python3-nftables bpftool
     procps psmisc ca-certificates curl kmod util-linux wrk
+    ruby      # `ruby -c` and the stand-in for Vagrant's DSL that check vagrant/Vagrantfile (tests/test_vagrant.py)
     systemd   # systemd-analyze verify checks the units `nodemesh install systemd` prints
 )
 

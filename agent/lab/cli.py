@@ -9,6 +9,7 @@ a crash or without the run dir.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -137,18 +138,7 @@ def up(run: Path, nodes: int, pods_per_node: int, redirect: str, api_port: int, 
                [*NODEMESH, "controller", "run", "--data-dir", str(data),
                 "--listen", f"{topo.controller_ip}:{api_port}",
                 "--metrics-listen", f"{topo.controller_ip}:{metrics_port}"])
-    apps = [p for p in topo.pods if p.port and procs.pid_of(run, f"app-{p.name}") is None]
-    hosts = [h for h in topo.hosts if procs.pid_of(run, f"app-{h.name}") is None]
-    if apps or hosts:
-        step(f"starting {len(apps)} demo apps in their pods" + (f", {len(hosts)} host service(s)" if hosts else ""))
-    for pod in apps:
-        args = (["http", "--name", pod.name] if pod.app == "web" else [pod.app]) + ["--port", str(pod.port)]
-        _start(run, f"app-{pod.name}", pod.cgroup,
-               ["ip", "netns", "exec", pod.netns, sys.executable, "-m", "agent.lab.apps", *args])
-    for host in hosts:       # in its node's own netns, in a cgroup of its own: a host workload
-        _start(run, f"app-{host.name}", host.cgroup,
-               ["nsenter", f"--net={host.node_netns_path}", "--", sys.executable, "-m", "agent.lab.apps",
-                "http", "--name", host.name, "--port", str(host.port)])
+    _start_apps(run, topo.pods, topo.hosts, step)
     step("waiting for the controller")
     _wait_controller(run, topo.controller_ip, api_port)
 
@@ -169,6 +159,23 @@ def up(run: Path, nodes: int, pods_per_node: int, redirect: str, api_port: int, 
     step.done()
     click.echo(applied, nl=False)
     click.echo(_summary(run, cfg, topo, step.elapsed()))
+
+
+def _start_apps(run: Path, pods, hosts, step, *, here: bool = False) -> None:
+    """Start the demo apps of ``pods`` (in their netns) and ``hosts`` (host services: in their
+    node's netns, or this one when ``here``, a VM being the node) that do not run yet."""
+    apps = [p for p in pods if p.port and procs.pid_of(run, f"app-{p.name}") is None]
+    hosts = [h for h in hosts if procs.pid_of(run, f"app-{h.name}") is None]
+    if apps or hosts:
+        step(f"starting {len(apps)} demo apps in their pods" + (f", {len(hosts)} host service(s)" if hosts else ""))
+    for pod in apps:
+        args = (["http", "--name", pod.name] if pod.app == "web" else [pod.app]) + ["--port", str(pod.port)]
+        _start(run, f"app-{pod.name}", pod.cgroup,
+               ["ip", "netns", "exec", pod.netns, sys.executable, "-m", "agent.lab.apps", *args])
+    for host in hosts:       # in its node's own netns, in a cgroup of its own: a host workload
+        enter = [] if here else ["nsenter", f"--net={host.node_netns_path}", "--"]
+        _start(run, f"app-{host.name}", host.cgroup,
+               [*enter, sys.executable, "-m", "agent.lab.apps", "http", "--name", host.name, "--port", str(host.port)])
 
 
 def _start(run: Path, name: str, cgroup: str, argv: list[str]) -> int:
@@ -404,14 +411,18 @@ def exec_(run: Path, pod: str, cmd: tuple[str, ...]) -> None:
     cfg = _load(run)
     host = next((h for h in cfg.topology().hosts if h.name == pod), None) if cfg else None
     netns = host.node_netns if host else f"{PREFIX}-{pod}"
-    if not os.path.exists(f"/var/run/netns/{netns}"):
-        have = sorted(n.removeprefix(PREFIX + "-") for n in net.netns_list() if n.startswith(PREFIX + "-"))
-        raise click.ClickException(f"no pod or node {pod!r} in the lab; there are: {', '.join(have) or 'none (lab up?)'}")
     root = cfg.cgroup_root if cfg else cgroups.find_root()
     cgroup = f"{root}/{PREFIX}/{pod}" if root else None
+    # `lab node up` on a VM: a host service is a cgroup here, with no netns of its own
+    here = cfg is None and not os.path.exists(f"/var/run/netns/{netns}") and bool(cgroup) and os.path.isdir(cgroup)
+    if not here and not os.path.exists(f"/var/run/netns/{netns}"):
+        have = sorted(n.removeprefix(PREFIX + "-") for n in net.netns_list() if n.startswith(PREFIX + "-"))
+        raise click.ClickException(f"no pod or node {pod!r} in the lab; there are: {', '.join(have) or 'none (lab up?)'}")
     if cgroup and os.path.isdir(cgroup) and not pod.startswith("node-"):
         cgroups.enter(cgroup)   # before `ip netns exec`, which remounts /sys
     sys.stdout.flush()
+    if here:
+        os.execvp(cmd[0], list(cmd))
     os.execvp("ip", ["ip", "netns", "exec", netns, *cmd])
 
 
@@ -445,3 +456,109 @@ def down(run: Path) -> None:
                f"{f'; killed {killed} leftover processes' if killed else ''}; removed "
                f"{len([r for r in removed if r.startswith('netns')])} netns, "
                f"{len([r for r in removed if r.startswith('link')])} links, the cgroups and {run}")
+
+
+# --- one node on this host (the Vagrant VMs), and the manifest ---------------------------------
+
+fabric_options = [
+    click.option("--nodes", default=2, show_default=True, help="Nodes in the whole lab."),
+    click.option("--pods-per-node", default=2, show_default=True, help="App pods per node."),
+    click.option("--fabric", default="10.10.0.0/24", show_default=True,
+                 help="The network the nodes share; node N is its host 10+N (Vagrant: 192.168.56.0/24)."),
+    click.option("--controller-ip", default=None,
+                 help="The controller's address on the fabric [default: host 1 of the lab bridge, "
+                      "or host 10 of another fabric, as vagrant/topology.rb has it]."),
+]
+
+
+def _fabric_topology(nodes: int, pods_per_node: int, fabric: str, controller_ip: str | None) -> Topology:
+    import ipaddress
+    try:
+        net_ = ipaddress.ip_network(fabric)
+        default = CONTROLLER_IP if fabric == "10.10.0.0/24" else str(net_.network_address + 10)
+        return plan(nodes, pods_per_node, cgroup_root=cgroups.find_root() or "/sys/fs/cgroup",
+                    fabric=fabric, controller_ip=controller_ip or default)
+    except (ValueError, PlanError, cgroups.CgroupError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _this_node(name: str, nodes: int, pods_per_node: int, fabric: str,
+               controller_ip: str | None) -> tuple[Topology, Node]:
+    """The lab's topology and node ``name`` of it, or a ClickException saying which exist."""
+    topo = _fabric_topology(nodes, pods_per_node, fabric, controller_ip)
+    try:
+        return topo, topo.node(name)
+    except KeyError:
+        raise click.ClickException(f"no {name} in a lab of {nodes} nodes (node-1 .. node-{nodes})") from None
+
+
+def _with(options):
+    def deco(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+    return deco
+
+
+@lab.command()
+@_with(fabric_options)
+def manifest(nodes: int, pods_per_node: int, fabric: str, controller_ip: str | None) -> None:
+    """Print the demo mesh (Mesh, Workloads, Services, policies) for a lab of this shape: what
+    `lab up` applies, and what vagrant/'s controller VM applies (`| nodemesh apply -f -`)."""
+    click.echo(demo.manifest(_fabric_topology(nodes, pods_per_node, fabric, controller_ip)), nl=False)
+
+
+@lab.group()
+def node() -> None:
+    """Make this host one node of a lab: its pods and demo apps (the Vagrant node VMs)."""
+
+
+@node.command("up")
+@run_option
+@click.option("--node", "name", required=True, help="Which node this host is (node-N).")
+@_with(fabric_options)
+def node_up(run: Path, name: str, nodes: int, pods_per_node: int, fabric: str, controller_ip: str | None) -> None:
+    """Build this node's demo pods behind this host (network namespaces, cgroups, a pod bridge,
+    routes to the other nodes' pods) and start their apps and the node's host services.
+    Idempotent. This host must have the node's fabric address (node N: host 10+N)."""
+    _need_root("node up")
+    topo, me = _this_node(name, nodes, pods_per_node, fabric, controller_ip)
+    step = _Progress()
+    step(f"{name}: {len(me.pods)} pods behind this host, routes to {nodes - 1} other nodes")
+    run.mkdir(parents=True, exist_ok=True)
+    hosts = [h for h in topo.hosts if h.node == name]
+    try:
+        net.apply_node_here(topo, name)
+        for path in (*(p.cgroup for p in me.pods), *(h.cgroup for h in hosts)):
+            cgroups.ensure(path)
+    except (net.NetError, OSError) as e:
+        raise click.ClickException(f"cannot build {name}'s pods: {e}") from None
+    _start_apps(run, me.pods, hosts, step, here=True)
+    step.done()
+    click.echo(f"{name}: pods {', '.join(p.name for p in me.pods)}"
+               + (f"; host services {', '.join(h.name for h in hosts)}" if hosts else "")
+               + f"; try: nodemesh lab exec POD -- CMD")
+
+
+@node.command("down")
+@run_option
+@click.option("--node", "name", required=True, help="Which node this host is (node-N).")
+@_with(fabric_options)
+def node_down(run: Path, name: str, nodes: int, pods_per_node: int, fabric: str, controller_ip: str | None) -> None:
+    """Undo `lab node up`: stop the apps, remove the pods, the pod bridge, the routes and the
+    lab's cgroups on this host. Safe to run twice."""
+    _need_root("node down")
+    topo, me = _this_node(name, nodes, pods_per_node, fabric, controller_ip)
+    stopped = procs.stop_many(run, procs.names(run))
+    try:
+        for path in [*(p.cgroup for p in me.pods), *(h.cgroup for h in topo.hosts if h.node == name)]:
+            cgroups.kill_tree(path)                 # this node's cgroups only
+            cgroups.remove_tree(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(topo.cgroup_parent)            # the lab's parent, once no node uses it
+        removed = net.teardown_node_here(topo, name)
+    except (cgroups.CgroupError, net.NetError) as e:
+        raise click.ClickException(str(e)) from None
+    if run.exists():
+        shutil.rmtree(run)
+    click.echo(f"{name} down: stopped {', '.join(stopped) or 'nothing'}; removed {len(removed)} namespaces and links")

@@ -83,6 +83,17 @@ def apply(topo: Topology) -> None:
                 _ip("route", "replace", other.pod_cidr, "via", other.fabric_address, ns=node.netns)
 
 
+def apply_fabric(topo: Topology) -> None:
+    """Only the fabric: the bridge and the node namespaces on it, with their fabric addresses,
+    nothing behind them — stand-ins for the Vagrant VMs, which ``vagrant/provision/node.sh``
+    then makes into nodes (tests/test_vagrant.py). Idempotent."""
+    existing = set(netns_list())
+    _ensure_bridge(topo, set(links()))
+    _ensure_forward_rule()
+    for node in topo.nodes:
+        _ensure_node_link(topo, node, existing)
+
+
 def _ensure_netns(name: str, existing: set[str]) -> None:
     if name not in existing:
         _ip("netns", "add", name)
@@ -98,8 +109,12 @@ def _ensure_bridge(topo: Topology, host_links: set[str]) -> None:
 
 
 def _ensure_node(topo: Topology, node: Node, existing: set[str]) -> None:
+    _ensure_node_inside(node, node.netns, "eth0", _ensure_node_link(topo, node, existing))
+
+
+def _ensure_node_link(topo: Topology, node: Node, existing: set[str]) -> set[str]:
+    """The node's netns on the fabric (its eth0, with its fabric address); returns its links."""
     _ensure_netns(node.netns, existing)
-    _run("ip", "netns", "exec", node.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     inside = set(links(node.netns))
     if "eth0" not in inside:
         _ip("link", "del", node.host_veth, check=False)     # a half pair from a crash
@@ -107,24 +122,32 @@ def _ensure_node(topo: Topology, node: Node, existing: set[str]) -> None:
     _ip("link", "set", node.host_veth, "master", topo.bridge, "up")
     _ip("addr", "replace", f"{node.fabric_address}/{topo.fabric_cidr.split('/')[1]}", "dev", "eth0", ns=node.netns)
     _ip("link", "set", "eth0", "up", ns=node.netns)
+    return inside
+
+
+def _ensure_node_inside(node: Node, ns: str | None, fabric_dev: str, inside: set[str]) -> None:
+    """The node's own side, in ``ns`` (None: this netns, a VM being the node): forwarding, the
+    VIP route and the pod bridge."""
+    _run(*(("ip", "netns", "exec", ns) if ns else ()), "sysctl", "-qw", "net.ipv4.ip_forward=1")
     # A host's own processes reach Service VIPs by its default route; a node netns has none, so
     # the VIP range goes to the fabric link: a host service's connect() to a VIP then gets as far
     # as the iptables redirect (which runs after the route lookup), and anything not redirected
     # stays in the lab (nothing on the fabric answers for a VIP).
-    _ip("route", "replace", SERVICE_CIDR, "dev", "eth0", "src", node.fabric_address, ns=node.netns)
+    _ip("route", "replace", SERVICE_CIDR, "dev", fabric_dev, "src", node.fabric_address, ns=ns)
     if node.pod_bridge not in inside:
-        _ip("link", "add", node.pod_bridge, "type", "bridge", ns=node.netns)
-    _ip("addr", "replace", f"{node.pod_gateway}/{node.pod_cidr.split('/')[1]}", "dev", node.pod_bridge, ns=node.netns)
-    _ip("link", "set", node.pod_bridge, "up", ns=node.netns)
+        _ip("link", "add", node.pod_bridge, "type", "bridge", ns=ns)
+    _ip("addr", "replace", f"{node.pod_gateway}/{node.pod_cidr.split('/')[1]}", "dev", node.pod_bridge, ns=ns)
+    _ip("link", "set", node.pod_bridge, "up", ns=ns)
 
 
-def _ensure_pod(node: Node, pod: Pod, existing: set[str], node_links: set[str]) -> None:
+def _ensure_pod(node: Node, pod: Pod, existing: set[str], node_links: set[str], ns: str | None = "") -> None:
+    ns = node.netns if ns == "" else ns           # the node's netns, or None: this one (a VM)
     _ensure_netns(pod.netns, existing)
     if "eth0" not in links(pod.netns):
         if pod.node_veth in node_links:
-            _ip("link", "del", pod.node_veth, ns=node.netns)
-        _ip("link", "add", pod.node_veth, "type", "veth", "peer", "name", "eth0", "netns", pod.netns, ns=node.netns)
-    _ip("link", "set", pod.node_veth, "master", node.pod_bridge, "up", ns=node.netns)
+            _ip("link", "del", pod.node_veth, ns=ns)
+        _ip("link", "add", pod.node_veth, "type", "veth", "peer", "name", "eth0", "netns", pod.netns, ns=ns)
+    _ip("link", "set", pod.node_veth, "master", node.pod_bridge, "up", ns=ns)
     _ip("addr", "replace", f"{pod.address}/{node.pod_cidr.split('/')[1]}", "dev", "eth0", ns=pod.netns)
     _ip("link", "set", "eth0", "up", ns=pod.netns)
     _ip("route", "replace", "default", "via", pod.gateway, "dev", "eth0", ns=pod.netns)
@@ -133,6 +156,49 @@ def _ensure_pod(node: Node, pod: Pod, existing: set[str], node_links: set[str]) 
 def _ensure_forward_rule() -> None:
     if _run("iptables", "-w", "-C", *FORWARD_RULE, check=False).returncode != 0:
         _run("iptables", "-w", "-I", FORWARD_RULE[0], "1", *FORWARD_RULE[1:])
+
+
+# --- one node, here (a VM of vagrant/) ------------------------------------------------------------
+
+def apply_node_here(topo: Topology, name: str) -> None:
+    """Make this netns node ``name`` of ``topo``: its pods behind a pod bridge here, routes to
+    the other nodes' pods by their fabric addresses, the VIP route. For a host (a VM) that has
+    ``node.fabric_address`` already, as vagrant/ gives each node VM; idempotent like ``apply``.
+    Raises NetError when no interface here has that address."""
+    node = topo.node(name)
+    addrs = json.loads(_ip("-j", "-4", "addr", "show").stdout or "[]")
+    dev = next((a["ifname"] for a in addrs for i in a.get("addr_info", ()) if i.get("local") == node.fabric_address),
+               None)
+    if dev is None:
+        raise NetError(f"no interface here has {node.fabric_address}, {name}'s address on the fabric "
+                       f"{topo.fabric_cidr}: is this host {name}? (see vagrant/topology.rb)")
+    existing = set(netns_list())
+    _ensure_node_inside(node, None, dev, set(links()))
+    here = set(links())
+    for pod in node.pods:
+        _ensure_pod(node, pod, existing, here, ns=None)
+    for other in topo.nodes:
+        if other is not node:
+            _ip("route", "replace", other.pod_cidr, "via", other.fabric_address)
+
+
+def teardown_node_here(topo: Topology, name: str) -> list[str]:
+    """Undo ``apply_node_here``: the pods' netns, the pod bridge and the routes. Tolerates
+    anything already gone; returns what it removed."""
+    node = topo.node(name)
+    removed = []
+    existing = set(netns_list())
+    for ns in (p.netns for p in node.pods):     # this node's pods only: /var/run/netns is the host's
+        if ns in existing:
+            _delete_netns(ns)
+            removed.append(f"netns {ns}")
+    if _ip("link", "del", node.pod_bridge, check=False).returncode == 0:
+        removed.append(f"link {node.pod_bridge}")
+    for other in topo.nodes:
+        if other is not node:
+            _ip("route", "del", other.pod_cidr, check=False)
+    _ip("route", "del", SERVICE_CIDR, check=False)
+    return removed
 
 
 # --- teardown ---------------------------------------------------------------------------------

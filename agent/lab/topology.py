@@ -21,6 +21,7 @@ leftovers by name even when the run dir is gone.
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 PREFIX = "nmlab"
@@ -146,8 +147,13 @@ def zone_of(number: int) -> str:
     return f"lab-{letters}"
 
 
-def plan(nodes: int = 2, pods_per_node: int = 2, cgroup_root: str = CGROUP_ROOT) -> Topology:
+def plan(nodes: int = 2, pods_per_node: int = 2, cgroup_root: str = CGROUP_ROOT, *,
+         fabric: str = FABRIC_CIDR, controller_ip: str = CONTROLLER_IP) -> Topology:
     """The whole lab for ``nodes`` nodes with ``pods_per_node`` app pods each.
+
+    ``fabric`` is the network the nodes share (node N is its host 10+N) and ``controller_ip``
+    the controller's address on it: the lab bridge's by default, or a Vagrant private network
+    (vagrant/topology.rb), where each node is a VM; everything behind the nodes is the same.
 
     App pods alternate web, echo, web, ... counting across nodes, so replicas of each Service
     spread over the nodes (2x2: node-1 web-1 echo-1, node-2 web-2 echo-2). node-1 also gets
@@ -158,6 +164,13 @@ def plan(nodes: int = 2, pods_per_node: int = 2, cgroup_root: str = CGROUP_ROOT)
         raise PlanError(f"--nodes must be 1..{MAX_NODES}, got {nodes}")
     if not 1 <= pods_per_node <= MAX_PODS_PER_NODE:
         raise PlanError(f"--pods-per-node must be 1..{MAX_PODS_PER_NODE}, got {pods_per_node}")
+    try:
+        net = ipaddress.ip_network(fabric)
+        ipaddress.ip_address(controller_ip)
+    except ValueError as e:
+        raise PlanError(f"--fabric / --controller-ip: {e}") from None
+    if net.version != 4 or net.num_addresses < 16 + nodes:
+        raise PlanError(f"--fabric {fabric} must be an IPv4 network with room for {nodes} nodes at hosts 11..{10 + nodes}")
     parent = f"{cgroup_root.rstrip('/')}/{PREFIX}"
     counters = {app: 0 for app in APPS}
     out = []
@@ -174,10 +187,11 @@ def plan(nodes: int = 2, pods_per_node: int = 2, cgroup_root: str = CGROUP_ROOT)
         pods = tuple(Pod(name=name, app=app, node=node_name, index=i, address=f"10.10.{n}.{1 + i}",
                          gateway=gateway, netns=f"{PREFIX}-{name}", cgroup=f"{parent}/{name}", port=port)
                      for i, (name, app, port) in enumerate(specs, start=1))
-        out.append(Node(name=node_name, number=n, netns=f"{PREFIX}-{node_name}", fabric_address=f"10.10.0.{10 + n}",
+        out.append(Node(name=node_name, number=n, netns=f"{PREFIX}-{node_name}", fabric_address=str(net.network_address + 10 + n),
                         host_veth=f"{PREFIX}-n{n}", pod_cidr=f"10.10.{n}.0/24", pod_gateway=gateway,
                         zone=zone_of(n), pods=pods))
     first = out[0]
     host = HostService(name=f"{HOST_SERVICE}-1", app=HOST_SERVICE, node=first.name, address=first.fabric_address,
                        node_netns=first.netns, cgroup=f"{parent}/{HOST_SERVICE}-1", port=HOST_SERVICE_PORT)
-    return Topology(nodes=tuple(out), cgroup_parent=parent, hosts=(host,))
+    return Topology(nodes=tuple(out), cgroup_parent=parent, hosts=(host,), controller_ip=controller_ip,
+                    fabric_cidr=str(net))
