@@ -8,6 +8,7 @@ import click
 import trio
 
 from agent import app
+from agent.base import limits
 from agent.sync import join
 from agent.sync.client import ControlPlaneError
 from agent.redirect.base import RedirectError
@@ -71,6 +72,7 @@ def run(node, controller, token_file, ca_file, state_dir, admin, metrics, ready,
                           passthrough=passthrough, connect_timeout=connect_timeout, access_log=access_log,
                           redirect=redirect)
     _one_malloc_arena()
+    limits.raise_nofile()
     try:
         trio.run(app.run, cfg)
     except join.JoinError as e:
